@@ -1,0 +1,284 @@
+"""Tests for zoo.metrics on constructed cases whose answer is known in advance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zoo.metrics import (
+    argmax_location,
+    auc,
+    deletion_insertion,
+    energy_in_mask,
+    evalprotopnet_noise,
+    explanation_metrics,
+    explanation_stability,
+    hit_rate,
+    mask_iou,
+    pointing_game,
+    top_fraction_mask,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _square(B: int, H: int, W: int, r0: int, c0: int, size: int) -> torch.Tensor:
+    m = torch.zeros(B, H, W)
+    m[:, r0 : r0 + size, c0 : c0 + size] = 1.0
+    return m
+
+
+# --------------------------------------------------------------------------- localisation
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pointing_game_map_equal_mask_and_inverted(device):
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(5, 16, 16, generator=g) > 0.7).float()
+    masks[0] = 0.0  # empty mask: excluded
+    masks = masks.to(device)
+    hits = pointing_game(masks, masks)
+    assert hits.device.type == device
+    assert torch.isnan(hits[0])
+    assert torch.equal(hits[1:], torch.ones(4, device=device))
+    assert hit_rate(masks, masks) == 1.0
+
+    inverted = pointing_game(1.0 - masks, masks)
+    assert torch.isnan(inverted[0])
+    assert torch.equal(inverted[1:], torch.zeros(4, device=device))
+    assert hit_rate(1.0 - masks, masks) == 0.0
+
+
+def test_hit_rate_ignores_empty_and_all_empty_is_nan():
+    attr = _square(3, 8, 8, 2, 2, 2)
+    masks = _square(3, 8, 8, 2, 2, 2)
+    masks[1] = 0.0
+    masks[2] = _square(1, 8, 8, 5, 5, 2)[0]  # miss
+    assert hit_rate(attr, masks) == pytest.approx(0.5)  # (1 + 0) / 2, image 1 excluded
+    assert math.isnan(hit_rate(attr, torch.zeros(3, 8, 8)))
+
+
+def test_plateau_resolves_to_block_centre_not_corner():
+    # Map: 1 on a 4x4 block (rows/cols 4..7), 0 elsewhere (as after nearest upsampling).
+    attr = _square(1, 16, 16, 4, 4, 4)
+    gt = _square(1, 16, 16, 5, 5, 2)  # only the block's central 2x2 pixels
+    loc = argmax_location(attr)
+    assert loc.dtype == torch.long and loc.shape == (1, 2)
+    assert tuple(loc[0].tolist()) in {(5, 5), (5, 6), (6, 5), (6, 6)}  # centre of the block
+    assert pointing_game(attr, gt).item() == 1.0
+    # The naive argmax lands on the block's top-left corner, outside the GT: the test above
+    # would fail with it.
+    flat = int(attr.view(1, -1).argmax(dim=1))
+    naive = (flat // 16, flat % 16)
+    assert naive == (4, 4)
+    assert gt[0, naive[0], naive[1]] == 0
+
+
+def test_argmax_location_unique_max_and_near_ties():
+    g = torch.Generator().manual_seed(1)
+    attr = torch.rand(4, 1, 9, 11, generator=g)
+    loc = argmax_location(attr)
+    flat = attr.view(4, -1).argmax(dim=1)
+    assert torch.equal(loc, torch.stack([flat // 11, flat % 11], dim=1))
+    # float noise below the relative tolerance still counts as one plateau
+    block = _square(1, 12, 12, 0, 0, 4) * 3.0
+    block[0, 0, 0] += 1e-7
+    assert tuple(argmax_location(block)[0].tolist()) in {(1, 1), (1, 2), (2, 1), (2, 2)}
+
+
+def test_argmax_location_picks_largest_component_and_stays_on_plateau():
+    attr = _square(1, 16, 16, 0, 0, 2) + _square(1, 16, 16, 8, 8, 3)  # 2x2 and 3x3 plateaus
+    assert argmax_location(attr)[0].tolist() == [9, 9]
+    # Ring (hollow square): its centroid (7.5, 7.5) is off the plateau -> snapped onto it.
+    ring = _square(1, 16, 16, 3, 3, 10) - _square(1, 16, 16, 4, 4, 8)
+    r, c = argmax_location(ring)[0].tolist()
+    assert ring[0, r, c] == 1.0
+
+
+def test_shapes_b1hw_and_bhw_agree():
+    g = torch.Generator().manual_seed(2)
+    attr = torch.rand(3, 10, 10, generator=g)
+    mask = (torch.rand(3, 10, 10, generator=g) > 0.5).float()
+    assert torch.equal(argmax_location(attr), argmax_location(attr[:, None]))
+    assert torch.equal(pointing_game(attr, mask), pointing_game(attr[:, None], mask[:, None].bool()))
+    assert torch.allclose(energy_in_mask(attr, mask), energy_in_mask(attr[:, None], mask[:, None]))
+    assert torch.equal(mask_iou(mask, mask.bool()), mask_iou(mask[:, None], mask))
+
+
+def test_mask_iou_constructed():
+    a = _square(1, 10, 10, 0, 0, 4).bool()  # rows 0..3, cols 0..3
+    b = _square(1, 10, 10, 2, 0, 4).bool()  # rows 2..5: overlap 2x4 = 8, union 24
+    assert mask_iou(a, b).item() == pytest.approx(8 / 24)
+    assert mask_iou(a, a).item() == 1.0
+    assert mask_iou(a, _square(1, 10, 10, 6, 6, 4)).item() == 0.0
+    assert torch.isnan(mask_iou(torch.zeros(1, 5, 5), torch.zeros(1, 5, 5))).all()
+
+
+def test_energy_in_mask():
+    mask = _square(2, 8, 8, 0, 0, 4)
+    attr = mask.clone()
+    attr[1] = _square(1, 8, 8, 0, 2, 4)[0]  # half its mass inside the mask
+    attr[1, 7, 7] = -5.0  # negative evidence is ignored
+    e = energy_in_mask(attr, mask)
+    assert e.tolist() == pytest.approx([1.0, 0.5])
+    assert torch.isnan(energy_in_mask(attr, torch.zeros(2, 8, 8))).all()
+
+
+# --------------------------------------------------------------------------- faithfulness
+
+H = W = 12
+REGION = _square(1, H, W, 2, 3, 4)[0].bool()  # (H,W) evidence region
+
+
+class RegionModel(torch.nn.Module):
+    """logits[:, 0] = 5 * mean of the pixels in REGION (all channels), logits[:, 1] = 0.
+
+    Only REGION matters, so a map equal to REGION is the perfectly faithful explanation.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        region = REGION.to(x.device)
+        z = 5.0 * (x * region).flatten(1).sum(1) / (x.shape[1] * region.sum())
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+class ConstantModel(torch.nn.Module):
+    def __init__(self, k: int = 4):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], self.k, device=x.device)
+
+
+def _region_images(B: int, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    # Bright evidence region on a dark background (in [-1, 1]): the blurred insertion start
+    # mixes them, so its region mean is low and the class probability starts low.
+    x = -0.5 - 0.5 * torch.rand(B, 3, H, W, generator=g)
+    x[:, :, REGION] = 0.5 + 0.5 * torch.rand(B, 3, int(REGION.sum()), generator=g)
+    return x.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deletion_insertion_region_map_beats_random_map(device):
+    model = RegionModel().eval()
+    images = _region_images(4, device)
+    good = REGION.float().expand(4, 1, H, W).to(device)
+    rand = torch.rand(4, 1, H, W, generator=torch.Generator().manual_seed(4)).to(device)
+    res_good = deletion_insertion(model, images, good, target=0, steps=16)
+    res_rand = deletion_insertion(model, images, rand, target=0, steps=16)
+    assert set(res_good) == {"deletion", "insertion", "deletion_curve", "insertion_curve", "fraction"}
+    assert res_good["deletion"].shape == (4,) and res_good["deletion_curve"].shape == (4, 17)
+    assert res_good["deletion"].device.type == device
+    assert (res_good["deletion"] < res_rand["deletion"] - 0.1).all()
+    assert (res_good["insertion"] > res_rand["insertion"] + 0.05).all()
+    # Curve end points are the model on the untouched / fully replaced images.
+    p_img = model(images).softmax(1)[:, 0]
+    assert torch.allclose(res_good["deletion_curve"][:, 0], p_img)
+    assert torch.allclose(res_good["insertion_curve"][:, -1], p_img)
+    assert torch.allclose(res_good["deletion_curve"][:, -1], torch.full((4,), 0.5, device=device))
+
+
+def test_deletion_insertion_constant_model_auc_equals_probability():
+    images = torch.randn(3, 1, 8, 8)
+    attr = torch.randn(3, 8, 8)
+    res = deletion_insertion(ConstantModel(4), images, attr, target=torch.tensor([0, 1, 3]), steps=7)
+    assert torch.allclose(res["deletion"], torch.full((3,), 0.25), atol=1e-6)
+    assert torch.allclose(res["insertion"], torch.full((3,), 0.25), atol=1e-6)
+    res = deletion_insertion(ConstantModel(4), images, attr, target=2, steps=5,
+                             mode="deletion", activation="sigmoid")
+    assert set(res) == {"deletion", "deletion_curve", "fraction"}
+    assert torch.allclose(res["deletion"], torch.full((3,), 0.5), atol=1e-6)
+
+
+def test_auc_trapezoid():
+    curve = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    assert auc(curve).tolist() == pytest.approx([0.5, 0.25])
+
+
+def test_deletion_chunking_shapes_and_determinism():
+    model = RegionModel().eval()
+    images = _region_images(3)
+    attr = torch.zeros(3, 1, H, W)  # all ties: order must be deterministic (raster order)
+    a = deletion_insertion(model, images, attr, target=0, steps=9, batch_size=1000)
+    b = deletion_insertion(model, images, attr[:, 0], target=0, steps=9, batch_size=7)
+    for key in ("deletion_curve", "insertion_curve"):
+        assert torch.allclose(a[key], b[key], atol=1e-6)
+    # target=None uses the model's prediction (class 0 here)
+    c = deletion_insertion(model, images, attr, target=None, steps=9)
+    assert torch.allclose(a["deletion"], c["deletion"])
+
+
+# --------------------------------------------------------------------------- stability
+
+
+def test_evalprotopnet_noise_clipped_and_reproducible():
+    x = torch.zeros(4, 3, 16, 16)
+    n1 = evalprotopnet_noise(x, generator=torch.Generator().manual_seed(0))
+    n2 = evalprotopnet_noise(x, generator=torch.Generator().manual_seed(0))
+    n3 = evalprotopnet_noise(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(n1, n2) and not torch.equal(n1, n3)
+    assert n1.abs().max() <= 0.25
+    assert (n1.abs() == 0.25).any()  # clipping is active (|eps| > 1.25 std happens often)
+    assert 0.15 < n1.std() < 0.2  # clipped N(0, 0.2^2)
+
+
+def test_stability_input_independent_map_is_perfectly_stable():
+    fixed = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    fixed[..., 3:6, 3:6] = 2.0  # a plateau, too
+
+    def explain(x, t):
+        return fixed.expand(x.shape[0], 1, 16, 16)
+
+    images = torch.randn(3, 3, 16, 16)
+    res = explanation_stability(explain, images, target=0, n_repeats=2,
+                                generator=torch.Generator().manual_seed(0))
+    assert res["stability"] == 1.0
+    assert torch.equal(res["argmax_unchanged"], torch.ones(3))
+    assert torch.equal(res["map_iou"], torch.ones(3))
+    assert torch.equal(res["argmax_shift_px"], torch.zeros(3))
+
+
+def test_stability_input_dependent_map_is_unstable():
+    g = torch.Generator().manual_seed(6)
+    images = torch.randn(4, 3, 16, 16, generator=g) * 0.1  # noise images
+
+    def explain(x, t):
+        return x.abs().mean(1, keepdim=True)
+
+    res = explanation_stability(explain, images, target=torch.zeros(4, dtype=torch.long),
+                                generator=g, top_fraction=0.1)
+    assert res["stability"] < 1.0
+    assert (res["map_iou"] < 1.0).all()
+    assert (res["argmax_shift"] <= 1.0).all()
+    assert torch.allclose(res["argmax_shift"], res["argmax_shift_px"] / math.hypot(16, 16))
+
+
+def test_top_fraction_mask_deterministic_under_ties():
+    attr = torch.zeros(2, 10, 10)
+    m = top_fraction_mask(attr, 0.1)
+    assert m.sum(dim=(1, 2)).tolist() == [10, 10]
+    assert torch.equal(m, top_fraction_mask(attr.clone(), 0.1))
+    assert m[0].flatten()[:10].all()  # raster order among ties
+
+
+def test_explanation_metrics_end_to_end():
+    model = RegionModel().eval()
+    images = _region_images(3)
+    masks = REGION.float().expand(3, H, W)
+
+    def explain(x, t):
+        return (x.mean(1, keepdim=True) * REGION.float()).detach()
+
+    out = explanation_metrics(model, explain, images, masks=masks, steps=8,
+                              generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"hit_rate", "energy_in_mask", "deletion_auc", "insertion_auc",
+                        "stability", "map_iou", "argmax_shift"}
+    assert all(isinstance(v, float) for v in out.values())
+    assert out["hit_rate"] == 1.0 and out["energy_in_mask"] == pytest.approx(1.0)
+    assert 0.0 <= out["deletion_auc"] < out["insertion_auc"] <= 1.0
+    out2 = explanation_metrics(model, explain, images, target=0, steps=8, stability=False)
+    assert set(out2) == {"deletion_auc", "insertion_auc"}

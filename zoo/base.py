@@ -1,0 +1,224 @@
+"""The Lightning base every zoo model inherits: input checks, shared steps, metrics, optimiser,
+training schedule as data.
+
+A family writes ``compute_logits(x)`` and ``explain(x, target)`` (and, if it has extra loss terms,
+``loss(batch)``); everything else lives here once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor
+
+from zoo.explanation import Explanation
+
+TASKS = ("multiclass", "multilabel")
+
+
+class SelfExplainingModule(L.LightningModule):
+    """Base of every registered model.
+
+    Contract:
+      * ``forward(x) -> logits (B,K)``: a plain tensor, so Captum / Quantus / PyG tools work.
+      * ``explain(x, target=None) -> Explanation``: the model's own explanation.
+      * hyperparameters are plain values (saved by ``save_hyperparameters``) so that checkpoints load
+        with ``torch.load(weights_only=True)`` and ``zoo.load`` rebuilds the model from config.yaml.
+    """
+
+    model_name: str = "?"  # set by @register_model
+    explanation_kind: str = "post-hoc"  # the Explanation.kind this family returns
+    input_kind: str = "image"  # "image" (B,C,H,W) or "graph" (families that explain nodes)
+
+    def __init__(
+        self,
+        num_classes: int = 4,
+        in_channels: int = 1,
+        image_size: int = 32,
+        task: str = "multiclass",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        optimizer: str = "adamw",
+        scheduler: str = "cosine",  # "cosine" over trainer.max_epochs, or "none"
+        schedule: Sequence[dict] | None = None,  # training phases as data, see `phase_at`
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be ≥ 2, got {num_classes}")
+        # Collects the init arguments of the whole class chain (the family's too).
+        self.save_hyperparameters()
+        self.num_classes, self.in_channels, self.image_size, self.task = num_classes, in_channels, image_size, task
+        self.metrics = torch.nn.ModuleDict({split: self._make_metrics() for split in ("train_", "val_", "test_")})
+
+    # ------------------------------------------------------------------ contract
+    def compute_logits(self, x: Tensor) -> Tensor:  # (B,C,H,W) -> (B,K)
+        raise NotImplementedError
+
+    def explain(self, x: Tensor, target: Tensor | int | None = None) -> Explanation:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.validate_input(x)
+        return self.compute_logits(x)
+
+    def example_input(self, batch_size: int = 2) -> Tensor:
+        """A valid random input (used by the contract test; graph families override)."""
+        return torch.randn(batch_size, self.in_channels, self.image_size, self.image_size, device=self.device).clamp(-1, 1)
+
+    # ------------------------------------------------------------------ input checks
+    def validate_input(self, x: Tensor) -> None:
+        """One clear error naming the problem, instead of a shape error deep inside a conv."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.model_name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{self.model_name}: expected images (B,C,H,W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.model_name}: expected {self.in_channels} input channel(s), got {x.shape[1]} "
+                f"(shape {tuple(x.shape)})"
+            )
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"{self.model_name}: expected {self.image_size}×{self.image_size} images, "
+                f"got {x.shape[-2]}×{x.shape[-1]}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{self.model_name}: input contains NaN or infinite values")
+
+    def validate_labels(self, y: Tensor) -> None:
+        if self.task == "multiclass" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(
+                f"{self.model_name}: label out of range: got labels in [{int(y.min())}, {int(y.max())}], "
+                f"expected 0..{self.num_classes - 1}"
+            )
+
+    def resolve_target(self, logits: Tensor, target: Tensor | int | None) -> Tensor:
+        """Explained class per image: predicted class if None; an int is broadcast to the batch."""
+        if target is None:
+            return logits.argmax(dim=1)
+        target = torch.as_tensor(target, device=logits.device, dtype=torch.long)
+        if target.ndim == 0:
+            target = target.expand(logits.shape[0])
+        if int(target.min()) < 0 or int(target.max()) >= self.num_classes:
+            raise ValueError(f"{self.model_name}: target class out of range 0..{self.num_classes - 1}")
+        return target
+
+    # ------------------------------------------------------------------ loss and steps
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(loss, logits, extra logs). Families with extra terms override and call ``task_loss``."""
+        logits = self(batch["image"])
+        return self.task_loss(logits, batch["label"]), logits, {}
+
+    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.cross_entropy(logits, labels)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits) if self.task == "multilabel" else logits.softmax(dim=1)
+
+    def _make_metrics(self) -> torchmetrics.MetricCollection:
+        if self.task == "multilabel":
+            kw = dict(task="multilabel", num_labels=self.num_classes)
+        else:
+            kw = dict(task="multiclass", num_classes=self.num_classes)
+        return torchmetrics.MetricCollection({"acc": torchmetrics.Accuracy(**kw), "auroc": torchmetrics.AUROC(**kw)})
+
+    def _shared_step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        self.validate_labels(batch["label"])
+        loss, logits, logs = self.loss(batch)
+        metrics = self.metrics[split + "_"]
+        labels = batch["label"].long() if self.task == "multilabel" else batch["label"]
+        metrics.update(self.probabilities(logits.detach()), labels)
+        bs = logits.shape[0]
+        self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=bs)
+        for name, value in logs.items():
+            self.log(f"{split}/{name}", value, batch_size=bs)
+        return loss
+
+    def _log_epoch_metrics(self, split: str) -> None:
+        metrics = self.metrics[split + "_"]
+        if metrics[next(iter(metrics.keys()))].update_count == 0:
+            return
+        for name, value in metrics.compute().items():
+            self.log(f"{split}/{name}", value, prog_bar=name == "acc", sync_dist=True)
+        metrics.reset()
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
+
+    def on_train_epoch_end(self):
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self):
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self):
+        self._log_epoch_metrics("test")
+
+    # ------------------------------------------------------------------ training schedule as data
+    def phase_at(self, epoch: int) -> list[str]:
+        """Phases entered at `epoch`, from the ``schedule`` hyperparameter.
+
+        ``schedule`` is a list like ``[{phase: warm, epochs: 5}, {phase: joint, epochs: 10},
+        {phase: push}, {phase: last_layer, epochs: 5}]``: an entry with ``epochs`` starts a phase that
+        lasts that many epochs; an entry without (an *action* such as push) runs at the boundary where
+        it stands. Families react in ``enter_phase``.
+        """
+        entered, start = [], 0
+        for entry in self.hparams.get("schedule") or []:
+            if start == epoch:
+                entered.append(entry["phase"])
+            start += int(entry.get("epochs", 0))
+        return entered
+
+    def schedule_epochs(self) -> int:
+        return sum(int(e.get("epochs", 0)) for e in self.hparams.get("schedule") or [])
+
+    def enter_phase(self, phase: str) -> None:
+        """Hook: freeze/unfreeze parts or run an action (e.g. prototype push). Default: nothing."""
+
+    def on_train_epoch_start(self) -> None:
+        for phase in self.phase_at(self.current_epoch):
+            self.enter_phase(phase)
+
+    # ------------------------------------------------------------------ optimiser
+    def param_groups(self) -> list[dict]:
+        """Parameter groups for the optimiser; families override to give parts their own lr."""
+        return [{"params": [p for p in self.parameters()]}]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.param_groups()
+        opt_name = hp.get("optimizer", "adamw")
+        if opt_name == "adamw":
+            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif opt_name == "adam":
+            opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        elif opt_name == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {opt_name!r}; expected adamw, adam or sgd")
+        if hp.get("scheduler", "cosine") == "none" or self.trainer is None or not self.trainer.max_epochs:
+            return opt
+        if hp.scheduler != "cosine":
+            raise ValueError(f"unknown scheduler {hp.scheduler!r}; expected cosine or none")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The registry name travels with the Lightning checkpoint so `zoo.load` can rebuild the class.
+        checkpoint["zoo_model"] = self.model_name

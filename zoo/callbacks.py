@@ -1,0 +1,66 @@
+"""Lightning callbacks shared by every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import matplotlib.pyplot as plt
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from zoo.viz import plot_explanation, save_figure
+
+
+class ExplanationFigures(L.Callback):
+    """Save the model's own explanation figure for a fixed batch every `every_n_epochs` and at test.
+
+    PNGs go to ``<run dir>/figures/``; with a TensorBoard logger the figure is also logged there.
+    """
+
+    def __init__(self, every_n_epochs: int = 5, n_images: int = 8, dirname: str = "figures") -> None:
+        self.every_n_epochs, self.n_images, self.dirname = every_n_epochs, n_images, dirname
+        self.saved: list[Path] = []
+
+    def _batch(self, trainer: L.Trainer, stage: str) -> dict[str, torch.Tensor] | None:
+        dm = trainer.datamodule
+        if dm is None:
+            return None
+        loader = dm.test_dataloader() if stage == "test" else dm.val_dataloader()
+        batch = next(iter(loader))
+        return {k: v[: self.n_images] for k, v in batch.items()}
+
+    def _draw(self, trainer: L.Trainer, module, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        was_training = module.training
+        module.eval()
+        # Test hooks run under inference_mode; post-hoc and some families' explanations need autograd,
+        # so even the batch must be loaded outside it.
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                batch = self._batch(trainer, stage)
+                if batch is None:
+                    return
+                images = batch["image"].to(module.device)
+                target = batch["label"].to(module.device) if batch["label"].ndim == 1 else None
+                expl = module.explain(images, target).detach()
+            dm = trainer.datamodule
+            fig = plot_explanation(expl, class_names=getattr(dm, "class_names", None),
+                                   masks=batch.get("mask"), max_items=self.n_images)
+        finally:
+            module.train(was_training)
+        tag = f"{stage}-epoch{trainer.current_epoch:03d}"
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(f"explanations/{stage}", fig, global_step=trainer.global_step, close=False)
+        root = Path(trainer.default_root_dir)
+        self.saved.append(save_figure(fig, root / self.dirname / f"{tag}.png"))
+        plt.close(fig)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._draw(trainer, module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, module) -> None:
+        self._draw(trainer, module, "test")

@@ -1,0 +1,158 @@
+"""Measure a trained model: accuracy/AUROC and the explanation metrics, side by side with the
+post-hoc baseline at its best (Grad-CAM at the last conv layer *and* at its best-scoring layer, and
+Integrated Gradients).
+
+Used by ``train(cfg)`` at the end of a run and by ``evaluate.py`` on a saved model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torchmetrics
+from torch import Tensor
+
+from zoo import metrics as M
+from zoo.nets.backbones import conv_layer_names
+from zoo.nets.posthoc import gradcam, integrated_gradients
+
+
+def take_images(datamodule, split: str = "test", n: int = 256) -> dict[str, Tensor]:
+    """The first `n` samples of a split as one batch dict (fixed, so every model sees the same)."""
+    datamodule.setup("test" if split == "test" else "fit")
+    loader = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader,
+              "test": datamodule.test_dataloader}[split]()
+    parts: dict[str, list[Tensor]] = {}
+    count = 0
+    for batch in loader:
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+        count += batch["image"].shape[0]
+        if count >= n:
+            break
+    return {k: torch.cat(v)[:n] for k, v in parts.items()}
+
+
+@torch.no_grad()
+def classification_metrics(model, datamodule, split: str = "test") -> dict[str, float]:
+    """Accuracy and AUROC over a whole split (for evaluating a saved model outside a Trainer)."""
+    datamodule.setup("test" if split == "test" else "fit")
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    collection = model._make_metrics().to(model.device)
+    for batch in loader:
+        logits = model(batch["image"].to(model.device))
+        labels = batch["label"].to(model.device)
+        collection.update(model.probabilities(logits), labels.long() if model.task == "multilabel" else labels)
+    return {k: float(v) for k, v in collection.compute().items()}
+
+
+def _explain_fn(model, **kwargs) -> Callable[[Tensor, Tensor], Tensor]:
+    def fn(x: Tensor, target: Tensor) -> Tensor:
+        return model.explain(x, target, **kwargs).attribution
+
+    return fn
+
+
+def attribution_metrics(model, explain_fn, batch: dict[str, Tensor], steps: int = 24, chunk: int = 64,
+                        seed: int = 0) -> dict[str, float]:
+    """Explanation metrics for the ground-truth class, computed in chunks to bound memory."""
+    device = model.device
+    target = batch["label"] if batch["label"].ndim == 1 else None  # multi-label: explain the prediction
+    rows: list[dict[str, float]] = []
+    weights: list[int] = []
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, batch["image"].shape[0], chunk):
+        sl = slice(start, start + chunk)
+        images = batch["image"][sl].to(device)
+        rows.append(M.explanation_metrics(
+            model, explain_fn, images,
+            target=None if target is None else target[sl].to(device),
+            masks=batch["mask"][sl].to(device) if "mask" in batch else None,
+            steps=steps, generator=generator,
+            activation="sigmoid" if model.task == "multilabel" else "softmax"))
+        weights.append(images.shape[0])
+    total = sum(weights)
+    # hit_rate is a nanmean over images with non-empty masks; weighting chunks by size is close enough
+    # for reporting and exact when every mask is non-empty (synthetic evidence mode).
+    keys = rows[0].keys()
+    return {k: sum(r[k] * w for r, w in zip(rows, weights)) / total for k in keys}
+
+
+def posthoc_rows(model, batch: dict[str, Tensor], steps: int = 24, layers: list[str] | None = None,
+                 integrated: bool = True) -> dict[str, dict[str, float]]:
+    """Grad-CAM at the last conv layer and at the best layer by hit rate (or deletion AUC when there
+    are no masks), plus Integrated Gradients — the baseline at its best, never only a weak setting."""
+    layers = layers or conv_layer_names(model)
+    rows: dict[str, dict[str, float]] = {}
+    last = layers[-1]
+    rows[f"grad-cam[{last}]"] = attribution_metrics(model, lambda x, t: gradcam(model, x, t, last), batch, steps)
+    has_masks = "mask" in batch
+    best_name, best_row, best_score = last, rows[f"grad-cam[{last}]"], None
+    # Screen every layer on a small subset, then measure the winner on the full batch.
+    screen = {k: v[:64] for k, v in batch.items()}
+    for layer in layers:
+        r = attribution_metrics(model, lambda x, t, l=layer: gradcam(model, x, t, l), screen, steps=8)
+        score = r["hit_rate"] if has_masks else -r["deletion_auc"]
+        if best_score is None or score > best_score:
+            best_name, best_score = layer, score
+    if best_name != last:
+        best_row = attribution_metrics(model, lambda x, t: gradcam(model, x, t, best_name), batch, steps)
+    rows[f"grad-cam best[{best_name}]"] = best_row
+    if integrated:
+        rows["integrated-gradients"] = attribution_metrics(
+            model, lambda x, t: integrated_gradients(model, x, t), batch, steps)
+    return rows
+
+
+def explanation_report(model, datamodule, n_images: int = 256, steps: int = 24,
+                       baseline=None, posthoc: bool = True) -> dict[str, dict[str, float]]:
+    """Rows of metrics: the model's own explanation, plus post-hoc rows for `baseline` (or for the
+    model itself when it is a black box)."""
+    model.eval()
+    batch = take_images(datamodule, "test", n_images)
+    rows: dict[str, dict[str, float]] = {}
+    if model.explanation_kind != "post-hoc":
+        name = f"{model.model_name} ({model.explanation_kind})"
+        rows[name] = attribution_metrics(model, _explain_fn(model), batch, steps)
+    reference = baseline if baseline is not None else (model if model.explanation_kind == "post-hoc" else None)
+    if posthoc and reference is not None:
+        reference.eval()
+        for k, v in posthoc_rows(reference, batch, steps).items():
+            rows[f"{reference.model_name} {k}"] = v
+    return rows
+
+
+def format_table(title: str, rows: dict[str, dict[str, float]]) -> str:
+    """A plain-text table (rich renders it in the terminal; this string goes to logs and cards)."""
+    columns = sorted({c for r in rows.values() for c in r}, key=lambda c: _ORDER.get(c, 99))
+    width = max([len(n) for n in rows] + [10])
+    lines = [title, f"{'':{width}}  " + "  ".join(f"{c:>14}" for c in columns)]
+    for name, row in rows.items():
+        lines.append(f"{name:{width}}  " + "  ".join(
+            f"{row[c]:>14.4f}" if c in row else f"{'-':>14}" for c in columns))
+    return "\n".join(lines)
+
+
+_ORDER = {"acc": 0, "auroc": 1, "hit_rate": 2, "energy_in_mask": 3, "deletion_auc": 4, "insertion_auc": 5,
+          "stability": 6, "map_iou": 7}
+
+
+def evaluate(cfg) -> dict[str, dict[str, float]]:
+    """Body of evaluate.py: load a model (and optional baseline), print and return the table."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from zoo import hub
+
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = instantiate(cfg.data)
+    model = hub.load(cfg.model_path)
+    baseline = hub.load(cfg.baseline) if cfg.get("baseline") else None
+    rows = {model.model_name: classification_metrics(model, datamodule)}
+    if baseline is not None:
+        rows[f"{baseline.model_name} (baseline)"] = classification_metrics(baseline, datamodule)
+    if model.task == "multiclass":
+        rows.update(explanation_report(model, datamodule, cfg.n_images, cfg.steps, baseline=baseline))
+    print(format_table(f"{cfg.model_path} on {getattr(datamodule, 'name', 'data')} (test split)", rows))
+    return rows

@@ -1,0 +1,122 @@
+"""Save and load models without pickle: ``model.safetensors`` + ``config.yaml`` + ``card.md``.
+
+A saved folder holds plain data only, so loading a downloaded model can never run code. Lightning
+``.ckpt`` files are read with ``torch.load(weights_only=True)`` for the same reason. Pretrained
+names (``zoo.load("cnn-synthetic")``) resolve to folders under the repository's ``checkpoints/``
+(or ``$ZOO_CHECKPOINTS``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from zoo.registry import create_model
+
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.yaml", "card.md"
+
+
+def pretrained_root() -> Path:
+    return Path(os.environ.get("ZOO_CHECKPOINTS", Path(__file__).resolve().parents[1] / "checkpoints"))
+
+
+def list_pretrained() -> list[str]:
+    root = pretrained_root()
+    return sorted(p.name for p in root.iterdir() if (p / CONFIG).is_file()) if root.is_dir() else []
+
+
+def plain(value: Any) -> Any:
+    """Hyperparameters as YAML-safe plain values (tuples → lists, mappings → dicts)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"hyperparameter value {value!r} of type {type(value).__name__} is not a plain value")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save(model, directory: str | os.PathLike, metrics: Mapping[str, float] | None = None,
+         command: str | None = None, data: str | None = None, notes: str | None = None) -> Path:
+    """Write `model` to `directory` as safetensors + config.yaml + a model card. Returns the folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    config = {"model": model.model_name, "hparams": plain(dict(model.hparams))}
+    if metrics:
+        config["metrics"] = plain(dict(metrics))
+    _atomic_write(directory / WEIGHTS, lambda p: save_file(state, p, metadata={"model": model.model_name}))
+    _atomic_write(directory / CONFIG, lambda p: Path(p).write_text(yaml.safe_dump(config, sort_keys=False)))
+    _atomic_write(directory / CARD, lambda p: Path(p).write_text(_card(model, config, metrics, command, data, notes)))
+    return directory
+
+
+def _card(model, config, metrics, command, data, notes) -> str:
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [f"# {model.model_name}", "", f"- family explanation kind: `{model.explanation_kind}`",
+             f"- parameters: {n_params:,}", f"- data: {data or 'unspecified'}"]
+    if command:
+        lines += [f"- reproduce: `{command}`"]
+    if metrics:
+        lines += ["", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    if notes:
+        lines += ["", notes]
+    lines += ["", "Hyperparameters:", "", "```yaml", yaml.safe_dump(config["hparams"], sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    candidate = pretrained_root() / str(name_or_path)
+    if candidate.is_dir():
+        return candidate
+    available = ", ".join(list_pretrained()) or "none"
+    raise FileNotFoundError(f"no saved model at {str(name_or_path)!r} and no pretrained model of that name "
+                            f"under {pretrained_root()} (pretrained: {available})")
+
+
+def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """A ready model in eval mode from a saved folder, a pretrained name, or a Lightning .ckpt file."""
+    path = _resolve(name_or_path)
+    if path.is_file() and path.suffix == ".ckpt":
+        return load_lightning_checkpoint(path, map_location)
+    if path.is_file():
+        path = path.parent
+    config = yaml.safe_load((path / CONFIG).read_text())
+    model = create_model(config["model"], **config["hparams"])
+    model.load_state_dict(load_file(path / WEIGHTS, device=str(map_location)))
+    return model.to(map_location).eval()
+
+
+def load_lightning_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """Rebuild a model from a Lightning checkpoint without unpickling code (weights_only=True)."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if "zoo_model" not in ckpt:
+        raise ValueError(f"{path} is not a zoo checkpoint (no 'zoo_model' entry)")
+    model = create_model(ckpt["zoo_model"], **dict(ckpt.get("hyper_parameters", {})))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(map_location).eval()

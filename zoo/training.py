@@ -1,0 +1,135 @@
+"""``train(cfg)``: the testable body behind the thin ``@hydra.main`` in train.py.
+
+config → datamodule → model → Trainer.fit/test → explanation metrics (with the post-hoc baseline
+measured in the same run) → ``zoo.save`` (safetensors + config + card) and figures in the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from zoo import evaluation, hub
+from zoo.registry import create_model
+
+log = logging.getLogger("zoo")
+
+
+def build(node: DictConfig, **kwargs: Any):
+    """``hydra.utils.instantiate`` that surfaces the user's error (bad dataset root, unknown model)
+    instead of Hydra's wrapper around it."""
+    try:
+        # _convert_="all": plain lists/dicts reach the model, so its hyperparameters stay plain values.
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def build_datamodule(cfg: DictConfig):
+    return build(cfg.data)
+
+
+def build_model(cfg: DictConfig, datamodule):
+    """The model sized for the data: geometry and task always come from the datamodule."""
+    return build(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
+                 image_size=datamodule.image_size, task=datamodule.task)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, with_callbacks: bool = True) -> L.Trainer:
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] if with_callbacks else []
+    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None] if with_callbacks else False
+    return build(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``resume=true`` continues from <run>/checkpoints/last.ckpt when it exists; a path resumes from it."""
+    resume = cfg.get("resume")
+    if not resume:
+        return None
+    if resume is True:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(resume).exists():
+        raise FileNotFoundError(f"resume checkpoint not found: {resume}")
+    return str(resume)
+
+
+def _command() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return " ".join(["python train.py", *HydraConfig.get().overrides.task])
+    except (ValueError, ImportError):
+        return "python " + " ".join(sys.argv)
+
+
+def train_baseline(cfg: DictConfig, datamodule, run_dir: Path):
+    """The zoo's black-box CNN trained with the same data and trainer budget, for side-by-side rows."""
+    baseline = create_model("cnn", num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
+                            image_size=datamodule.image_size, task=datamodule.task)
+    trainer = build_trainer(cfg, run_dir / "baseline", with_callbacks=False)
+    trainer.fit(baseline, datamodule=datamodule)
+    return baseline, trainer.test(baseline, datamodule=datamodule, verbose=False)[0]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train, test, measure and save one model. Returns the flat metrics dict (also in metrics.yaml)."""
+    started = time.perf_counter()
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    datamodule = build_datamodule(cfg)
+    model = build_model(cfg, datamodule)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    results = {f"{k}": float(v) for k, v in trainer.test(model, datamodule=datamodule, verbose=False)[0].items()}
+
+    rows: dict[str, dict[str, float]] = {model.model_name: {"acc": results.get("test/acc", float("nan")),
+                                                           "auroc": results.get("test/auroc", float("nan"))}}
+    baseline = None
+    ev = cfg.get("evaluate") or {}
+    if ev.get("compare_baseline", True) and model.explanation_kind != "post-hoc":
+        baseline, base_results = train_baseline(cfg, datamodule, run_dir)
+        rows["cnn (black-box baseline)"] = {"acc": base_results["test/acc"], "auroc": base_results["test/auroc"]}
+    if ev.get("explanations", True) and model.task == "multiclass":
+        explanation_rows = evaluation.explanation_report(
+            model, datamodule, n_images=ev.get("n_images", 256), steps=ev.get("steps", 24), baseline=baseline,
+            posthoc=ev.get("posthoc", True))
+        rows.update(explanation_rows)
+
+    flat = {f"{name}/{metric}": value for name, row in rows.items() for metric, value in row.items()}
+    flat["seconds"] = time.perf_counter() - started
+    own = {"test_acc": results.get("test/acc"), "test_auroc": results.get("test/auroc")}
+    for name, row in rows.items():
+        if name.startswith(model.model_name + " ("):
+            own.update({k: v for k, v in row.items()})
+    saved = hub.save(model, run_dir / "model", metrics={k: v for k, v in own.items() if v is not None},
+                     command=_command(), data=getattr(datamodule, "name", None))
+    if cfg.get("publish"):  # e.g. publish=cnn-synthetic → checkpoints/cnn-synthetic/
+        hub.save(model, hub.pretrained_root() / cfg.publish, metrics={k: v for k, v in own.items() if v is not None},
+                 command=_command(), data=getattr(datamodule, "name", None))
+    (run_dir / "metrics.yaml").write_text(yaml.safe_dump(hub.plain(flat), sort_keys=False))
+    table = evaluation.format_table(f"results on {getattr(datamodule, 'name', 'data')} (test split)", rows)
+    print(table)
+    print(f"model saved to {saved} · figures in {run_dir / 'figures'} · {flat['seconds']:.0f} s")
+    return flat
+
+
+def config_to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
