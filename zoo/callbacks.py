@@ -39,15 +39,20 @@ class ExplanationFigures(L.Callback):
         # so even the batch must be loaded outside it.
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                batch = self._batch(trainer, stage)
-                if batch is None:
-                    return
-                images = batch["image"].to(module.device)
-                target = batch["label"].to(module.device) if batch["label"].ndim == 1 else None
-                expl = module.explain(images, target).detach()
-            dm = trainer.datamodule
-            fig = plot_explanation(expl, class_names=getattr(dm, "class_names", None),
-                                   masks=batch.get("mask"), max_items=self.n_images)
+                if getattr(module, "input_kind", "image") != "image":  # graphs: the first nodes of the split
+                    fig = self._graph_figure(trainer, module, stage)
+                    if fig is None:
+                        return
+                else:
+                    batch = self._batch(trainer, stage)
+                    if batch is None:
+                        return
+                    images = batch["image"].to(module.device)
+                    target = batch["label"].to(module.device) if batch["label"].ndim == 1 else None
+                    expl = module.explain(images, target).detach()
+                    dm = trainer.datamodule
+                    fig = plot_explanation(expl, class_names=getattr(dm, "class_names", None),
+                                           masks=batch.get("mask"), max_items=self.n_images)
         finally:
             module.train(was_training)
         tag = f"{stage}-epoch{trainer.current_epoch:03d}"
@@ -57,6 +62,17 @@ class ExplanationFigures(L.Callback):
         root = Path(trainer.default_root_dir)
         self.saved.append(save_figure(fig, root / self.dirname / f"{tag}.png"))
         plt.close(fig)
+
+    def _graph_figure(self, trainer: L.Trainer, module, stage: str):
+        """Node explanations of the split's first nodes (whole-graph batches cannot be sliced)."""
+        dm = trainer.datamodule
+        if dm is None or module.explanation_kind == "post-hoc":
+            return None
+        batch = next(iter(dm.test_dataloader() if stage == "test" else dm.val_dataloader()))
+        graph = batch["graph"].to(module.device)
+        nodes = batch["mask"].nonzero().squeeze(1)[: min(self.n_images, 4)]
+        expl = module.explain(graph, nodes=nodes).detach()
+        return plot_explanation(expl, class_names=getattr(dm, "class_names", None), max_items=len(nodes))
 
     def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:

@@ -87,15 +87,21 @@ def posthoc_rows(model, batch: dict[str, Tensor], steps: int = 24, layers: list[
     rows: dict[str, dict[str, float]] = {}
     last = layers[-1]
     rows[f"grad-cam[{last}]"] = attribution_metrics(model, lambda x, t: gradcam(model, x, t, last), batch, steps)
-    has_masks = "mask" in batch
-    best_name, best_row, best_score = last, rows[f"grad-cam[{last}]"], None
-    # Screen every layer on a small subset, then measure the winner on the full batch.
-    screen = {k: v[:64] for k, v in batch.items()}
+    # Screen every layer cheaply (hit rate needs one Grad-CAM pass; without masks, a short deletion
+    # curve on a subset), then measure the winner with every metric. The last layer wins ties.
+    best_name, best_row = last, rows[f"grad-cam[{last}]"]
+    scores: dict[str, float] = {}
     for layer in layers:
-        r = attribution_metrics(model, lambda x, t, l=layer: gradcam(model, x, t, l), screen, steps=8)
-        score = r["hit_rate"] if has_masks else -r["deletion_auc"]
-        if best_score is None or score > best_score:
-            best_name, best_score = layer, score
+        if "mask" in batch:
+            maps = torch.cat([gradcam(model, batch["image"][i:i + 64].to(model.device),
+                                      batch["label"][i:i + 64].to(model.device), layer)
+                              for i in range(0, batch["image"].shape[0], 64)])
+            scores[layer] = M.hit_rate(maps.cpu(), batch["mask"])
+        else:
+            screen = {k: v[:64] for k, v in batch.items()}
+            r = attribution_metrics(model, lambda x, t, l=layer: gradcam(model, x, t, l), screen, steps=8)
+            scores[layer] = -r["deletion_auc"]
+    best_name = max(layers, key=lambda l: (scores[l], l == last))
     if best_name != last:
         best_row = attribution_metrics(model, lambda x, t: gradcam(model, x, t, best_name), batch, steps)
     rows[f"grad-cam best[{best_name}]"] = best_row
@@ -115,6 +121,11 @@ def explanation_report(model, datamodule, n_images: int = 256, steps: int = 24,
     if model.explanation_kind != "post-hoc":
         name = f"{model.model_name} ({model.explanation_kind})"
         rows[name] = attribution_metrics(model, _explain_fn(model), batch, steps)
+        # Optional: a family may list other maps of its own explanation (label -> explain kwargs),
+        # e.g. MedicalPatchNet's dense map; each gets its own row (not copied into the model card).
+        for label, kwargs in getattr(model, "explanation_variants", {}).items():
+            rows[f"{model.model_name}[{label}] ({model.explanation_kind})"] = attribution_metrics(
+                model, _explain_fn(model, **kwargs), batch, steps)
     reference = baseline if baseline is not None else (model if model.explanation_kind == "post-hoc" else None)
     if posthoc and reference is not None:
         reference.eval()

@@ -45,8 +45,9 @@ def build_datamodule(cfg: DictConfig):
 
 def build_model(cfg: DictConfig, datamodule):
     """The model sized for the data: geometry and task always come from the datamodule."""
+    # `model_kwargs`: sizes only the data knows (e.g. a graph's node-feature and context sizes).
     return build(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
-                 image_size=datamodule.image_size, task=datamodule.task)
+                 image_size=datamodule.image_size, task=datamodule.task, **getattr(datamodule, "model_kwargs", {}))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, with_callbacks: bool = True) -> L.Trainer:
@@ -104,14 +105,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                                            "auroc": results.get("test/auroc", float("nan"))}}
     baseline = None
     ev = cfg.get("evaluate") or {}
-    if ev.get("compare_baseline", True) and model.explanation_kind != "post-hoc":
+    image_model = getattr(model, "input_kind", "image") == "image"
+    if ev.get("compare_baseline", True) and model.explanation_kind != "post-hoc" and image_model:
         baseline, base_results = train_baseline(cfg, datamodule, run_dir)
         rows["cnn (black-box baseline)"] = {"acc": base_results["test/acc"], "auroc": base_results["test/auroc"]}
-    if ev.get("explanations", True) and model.task == "multiclass":
+    if not image_model:  # graph data: the image CNN behind the graph, and the family's own graph metrics
+        if ev.get("compare_baseline", True) and hasattr(datamodule, "reference_rows"):
+            rows.update(datamodule.reference_rows())
+        if ev.get("explanations", True) and hasattr(model, "report_rows"):
+            rows.update(model.report_rows(datamodule))
+    if ev.get("explanations", True) and model.task == "multiclass" and image_model:
         explanation_rows = evaluation.explanation_report(
             model, datamodule, n_images=ev.get("n_images", 256), steps=ev.get("steps", 24), baseline=baseline,
             posthoc=ev.get("posthoc", True))
         rows.update(explanation_rows)
+        if hasattr(model, "image_report_rows"):  # optional family rows, e.g. GdVAE's counterfactual metrics
+            rows.update(model.image_report_rows(datamodule, baseline=baseline))
 
     flat = {f"{name}/{metric}": value for name, row in rows.items() for metric, value in row.items()}
     flat["seconds"] = time.perf_counter() - started
@@ -121,9 +130,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             own.update({k: v for k, v in row.items()})
     saved = hub.save(model, run_dir / "model", metrics={k: v for k, v in own.items() if v is not None},
                      command=_command(), data=getattr(datamodule, "name", None))
+    if hasattr(datamodule, "export"):  # data a model needs besides its weights (e.g. a graph recipe)
+        datamodule.export(saved)
     if cfg.get("publish"):  # e.g. publish=cnn-synthetic → checkpoints/cnn-synthetic/
-        hub.save(model, hub.pretrained_root() / cfg.publish, metrics={k: v for k, v in own.items() if v is not None},
-                 command=_command(), data=getattr(datamodule, "name", None))
+        published = hub.save(model, hub.pretrained_root() / cfg.publish,
+                             metrics={k: v for k, v in own.items() if v is not None},
+                             command=_command(), data=getattr(datamodule, "name", None))
+        if hasattr(datamodule, "export"):
+            datamodule.export(published)
     (run_dir / "metrics.yaml").write_text(yaml.safe_dump(hub.plain(flat), sort_keys=False))
     table = evaluation.format_table(f"results on {getattr(datamodule, 'name', 'data')} (test split)", rows)
     print(table)

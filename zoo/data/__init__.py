@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from zoo.data.common import DatasetNotFoundError, denormalize, normalize
+from zoo.data.graphs import GraphDataModule
 from zoo.data.medmnist import MedMNISTDataModule, available_flags, is_medmnist_flag
 from zoo.data.synthetic import SyntheticDataModule, make_synthetic
 
@@ -37,8 +38,15 @@ def create_datamodule(name: str, **kwargs: Any) -> SyntheticDataModule | MedMNIS
     raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
 
 
+def create_graph_datamodule(name: str, **kwargs: Any) -> GraphDataModule:
+    """A kNN image graph (one node per image) over dataset `name` (see :mod:`zoo.data.graphs`)."""
+    return GraphDataModule(flag=name, **kwargs)
+
+
 __all__ = [
     "DatasetNotFoundError",
+    "GraphDataModule",
+    "create_graph_datamodule",
     "MedMNISTDataModule",
     "SyntheticDataModule",
     "available_datasets",

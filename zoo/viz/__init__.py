@@ -70,10 +70,11 @@ def show_image(ax, image: torch.Tensor, title: str | None = None) -> None:
 
 
 def show_signed_map(ax, image: torch.Tensor | None, attribution: torch.Tensor, title: str | None = None,
-                    alpha: float = 0.6) -> None:
-    """Red = evidence for the class, blue = against; symmetric colour scale around 0."""
+                    alpha: float = 0.6, limit: float | None = None) -> None:
+    """Red = evidence for the class, blue = against; symmetric colour scale around 0 (±`limit`, default
+    the map's own max |value|; pass one to put several maps on the same scale)."""
     a = attribution.detach().float().cpu().squeeze().numpy()
-    limit = float(np.abs(a).max()) or 1.0
+    limit = limit or float(np.abs(a).max()) or 1.0
     if image is not None:
         ax.imshow(to_display(image), cmap="gray", vmin=0, vmax=1)
     ax.imshow(a, cmap="bwr", vmin=-limit, vmax=limit, alpha=alpha if image is not None else 1.0)

@@ -1,0 +1,206 @@
+"""GdVAE: the Gaussian-discriminant identity, closed-form counterfactuals hitting their target
+probability exactly, the explanation's fields and errors, learning on tiny data, the counterfactual
+metrics on constructed cases, the gradient-search comparison point, and the figure."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import zoo
+from zoo.metrics import counterfactuals as CF
+from zoo.models.gdvae import GdVAE, gradient_counterfactuals, pairwise_log_odds
+
+
+def make(num_classes=5, **kw) -> GdVAE:
+    torch.manual_seed(0)
+    model = zoo.create_model("gdvae", num_classes=num_classes, in_channels=1, image_size=28, **kw).eval()
+    with torch.no_grad():  # a non-trivial prior: unit-scale prototypes, unequal variances
+        model.class_means.copy_(torch.randn_like(model.class_means))
+        model.log_sigma.copy_(0.3 * torch.randn_like(model.log_sigma))
+    return model
+
+
+def test_logits_are_the_gaussian_posterior():
+    """softmax(Wz + b) == p(y|z) computed from the class-conditional Gaussians N(μ_k, Σ) and p(k)."""
+    model = make()
+    z = torch.randn(7, model.hparams.latent_dim)
+    sigma = model.log_sigma.exp()
+    log_joint = torch.stack([torch.distributions.Normal(mu, sigma).log_prob(z).sum(1) for mu in model.class_means], 1)
+    log_joint = log_joint + model.log_class_prior
+    torch.testing.assert_close(model.latent_logits(z).softmax(1), log_joint.softmax(1), rtol=1e-5, atol=1e-6)
+    x = model.example_input(3)
+    torch.testing.assert_close(model(x), model.latent_logits(model.encode(x)[0]))
+
+
+@pytest.mark.parametrize("method", ["minimal", "prototype"])
+def test_counterfactual_latents_hit_the_pairwise_probability(method):
+    model = make()
+    z = torch.randn(6, model.hparams.latent_dim)
+    source = model.latent_logits(z).argmax(1)
+    target = (source + 2) % 5
+    probs = [0.05, 0.3, 0.5, 0.9, 0.99]
+    z_cf = model.counterfactual_latents(z, source, target, probs, method)  # (6,5,D)
+    logits = model.latent_logits(z_cf)  # (6,5,K)
+    at = lambda cls: logits.gather(2, cls.view(6, 1, 1).expand(6, 5, 1)).squeeze(2)  # noqa: E731 (6,T)
+    pair = torch.sigmoid(at(target) - at(source))  # p_k / (p_c + p_k)
+    torch.testing.assert_close(pair, torch.tensor(probs).expand(6, 5), rtol=0, atol=1e-4)
+    full = logits.softmax(-1).gather(2, target.view(6, 1, 1).expand(6, 5, 1)).squeeze(2)  # (6,T)
+    assert (full <= pair + 1e-6).all()  # K > 2: the other classes keep some mass
+    weight, bias = model.classifier()
+    w = weight[source] - weight[target]
+    move = z_cf - z[:, None]
+    if method == "minimal":  # parallel to w, with the minimal length |f* − f| / ‖w‖
+        cos = torch.nn.functional.cosine_similarity(move[:, 3], w, dim=1).abs()
+        torch.testing.assert_close(cos, torch.ones(6), rtol=0, atol=1e-4)
+        f = (w * z).sum(1) + bias[source] - bias[target]
+        expected = (pairwise_log_odds(0.9) - f).abs() / w.norm(dim=1)
+        torch.testing.assert_close(move[:, 3].norm(dim=1), expected, rtol=1e-4, atol=1e-5)
+    else:  # on the line toward the target prototype
+        direction = model.class_means[target] - z
+        cos = torch.nn.functional.cosine_similarity(move[:, 3], direction, dim=1).abs()
+        torch.testing.assert_close(cos, torch.ones(6), rtol=0, atol=1e-4)
+
+
+def test_binary_counterfactual_probability_is_the_softmax():
+    model = make(num_classes=2)
+    z = torch.randn(4, model.hparams.latent_dim)
+    source = model.latent_logits(z).argmax(1)
+    z_cf = model.counterfactual_latents(z, source, 1 - source, [0.2, 0.75])
+    p = model.latent_logits(z_cf).softmax(-1).gather(2, (1 - source).view(4, 1, 1).expand(4, 2, 1)).squeeze(2)
+    torch.testing.assert_close(p, torch.tensor([[0.2, 0.75]]).expand(4, 2), rtol=0, atol=1e-5)
+
+
+def test_explain_fields_and_semantics():
+    model = make()
+    x = model.example_input(3)
+    expl = model.explain(x)
+    T = len(model.hparams.cf_probs)
+    assert expl.kind == "counterfactual"
+    assert expl.counterfactuals.shape == (3, T, 1, 28, 28)
+    assert expl.counterfactual_latents.shape == (3, T, model.hparams.latent_dim)
+    runner_up = expl.logits.topk(2, dim=1).indices[:, 1]
+    assert torch.equal(expl.counterfactual_targets, runner_up)  # default: toward the runner-up
+    assert expl.extras["prototypes"].shape == (5, 1, 28, 28)
+    assert expl.extras["cf_probabilities"].shape == (3, T, 5)
+    # The images are the decoded latents; the map is |x_0.5 − x̂| summed over channels.
+    torch.testing.assert_close(expl.counterfactuals[:, 1], model.decode(expl.counterfactual_latents[:, 1]))
+    boundary, recon = expl.extras["boundary_counterfactual"], expl.extras["reconstruction"]
+    torch.testing.assert_close(expl.attribution, (boundary - recon).abs().sum(1, keepdim=True))
+    literal = model.explain(x, attribution_reference="input")
+    torch.testing.assert_close(literal.attribution, (boundary - x).abs().sum(1, keepdim=True))
+    # The boundary counterfactual sits where the two classes tie.
+    z_b = model.counterfactual_latents(expl.extras["latent"], expl.target, runner_up, [0.5])[:, 0]
+    lb = model.latent_logits(z_b)
+    torch.testing.assert_close(lb.gather(1, expl.target[:, None]), lb.gather(1, runner_up[:, None]), rtol=0, atol=1e-4)
+    # Explicit targets are honoured.
+    forced = model.explain(x, target=1, cf_target=3, probs=[0.9])
+    assert (forced.target == 1).all() and (forced.counterfactual_targets == 3).all()
+    assert forced.counterfactuals.shape[1] == 1
+
+
+def test_three_channel_64px_model_runs():
+    torch.manual_seed(0)
+    model = zoo.create_model("gdvae", num_classes=3, in_channels=3, image_size=64).eval()
+    expl = model.explain(model.example_input(2))
+    assert expl.counterfactuals.shape == (2, 5, 3, 64, 64) and expl.attribution.shape == (2, 1, 64, 64)
+
+
+def test_clear_errors():
+    model = make()
+    x = model.example_input(2)
+    with pytest.raises(ValueError, match="cf_target must differ"):
+        model.explain(x, target=1, cf_target=1)
+    with pytest.raises(ValueError, match="cf_target class out of range"):
+        model.explain(x, cf_target=9)
+    with pytest.raises(ValueError, match=r"strictly in \(0, 1\)"):
+        model.explain(x, probs=[0.5, 1.0])
+    with pytest.raises(ValueError, match="unknown counterfactual method"):
+        model.explain(x, method="gradient")
+    with pytest.raises(ValueError, match="task='multiclass'"):
+        zoo.create_model("gdvae", num_classes=3, task="multilabel")
+    with pytest.raises(ValueError, match="unknown cf_method"):
+        zoo.create_model("gdvae", cf_method="nope")
+
+
+def _tiny_data(n=128):
+    """Two classes: a bright blob in the top-left vs bottom-right quadrant, on noise."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 2
+    x = -0.8 + 0.1 * torch.randn(n, 1, 28, 28, generator=g)
+    x[y == 0, :, 4:12, 4:12] = 0.8
+    x[y == 1, :, 16:24, 16:24] = 0.8
+    mask = torch.zeros(n, 1, 28, 28)
+    mask[y == 0, :, 4:12, 4:12] = 1
+    mask[y == 1, :, 16:24, 16:24] = 1
+    return x.clamp(-1, 1), y, mask
+
+
+def test_learns_tiny_data_with_valid_counterfactuals():
+    torch.manual_seed(0)
+    model = zoo.create_model("gdvae", num_classes=2, in_channels=1, image_size=28, widths=[16, 32], latent_dim=4, schedule=[],
+                             ce_weight=20.0)
+    x, y, mask = _tiny_data()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(60):
+        idx = torch.randint(0, x.shape[0], (32,))
+        loss, _, logs = model.loss({"image": x[idx], "label": y[idx]})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert (model(x).argmax(1) == y).float().mean() == 1.0
+    out = model.counterfactuals(x, probs=(0.9,))
+    valid = CF.validity(model(out["images"][:, 0]), out["target"]).mean()
+    assert valid >= 0.9
+    # The change at the boundary sits on the two blobs (where the evidence is), not on the noise.
+    expl = model.explain(x, target=y)
+    both = mask + mask.flip(-1).flip(-2)  # the own blob and the other class's blob
+    assert CF.mass_in_mask(expl.attribution, both).mean() > 0.6
+
+
+def test_counterfactual_metrics_on_constructed_cases():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    torch.testing.assert_close(CF.validity(logits, torch.tensor([0, 1, 1])), torch.tensor([1.0, 1.0, 0.0]))
+    a, b = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    b[0, 0, 0, 0] = 1.0
+    torch.testing.assert_close(CF.proximity_l1(b, a), torch.tensor([0.25, 0.0]))
+    torch.testing.assert_close(CF.latent_consistency(torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2)), torch.tensor([5.0]))
+    change = torch.tensor([[[[1.0, 3.0], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    mask = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]], [[[1.0, 0.0], [0.0, 0.0]]]])
+    got = CF.mass_in_mask(change, mask)
+    assert got[0] == 0.75 and math.isnan(got[1])  # all-zero map: nothing to score
+    with pytest.raises(ValueError, match="non-negative"):
+        CF.mass_in_mask(-change, mask)
+    ref = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
+    torch.testing.assert_close(CF.nearest_neighbour_distance(torch.full((1, 1, 2, 2), 0.75), ref), torch.tensor([0.25]))
+    conf = CF.classifier_confidence(lambda im: torch.tensor([[0.0, math.log(3.0)]]).expand(im.shape[0], 2),
+                                    torch.zeros(2, 1, 2, 2), torch.tensor([1, 0]))
+    torch.testing.assert_close(conf, torch.tensor([0.75, 0.25]))
+
+
+def test_gradient_search_reaches_the_same_probability():
+    model = make()
+    x = model.example_input(4)
+    closed = model.counterfactuals(x, probs=(0.9,))
+    out = gradient_counterfactuals(model, x, closed["source"], closed["target"], prob=0.9, objective="latent",
+                                   steps=300, lr=0.1)
+    logits = model.latent_logits(out["latents"])
+    rows = torch.arange(4)
+    pair = torch.sigmoid(logits[rows, closed["target"]] - logits[rows, closed["source"]])
+    assert (pair >= 0.9).all() and (out["steps"] > 0).all()
+    with pytest.raises(ValueError, match="objective"):
+        gradient_counterfactuals(model, x, closed["source"], closed["target"], objective="pixels")
+
+
+def test_figure_has_strips_and_prototypes(tmp_path):
+    model = make(num_classes=3)
+    x = model.example_input(2)
+    expl = model.explain(x)
+    fig = expl.plot(tmp_path / "cf.png", class_names=["a", "b", "c"])
+    # 2 strips + 1 prototype row, each 2 + T + 1 panels.
+    assert len(fig.axes) == 3 * (2 + len(model.hparams.cf_probs) + 1)
+    assert (tmp_path / "cf.png").stat().st_size > 0

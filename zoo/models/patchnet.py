@@ -1,0 +1,216 @@
+"""MedicalPatchNet: classify every non-overlapping P×P patch on its own, predict the mean patch logit.
+
+The prediction *is* the explanation: ``logit_k(x) = (1/n) Σ_patches l_k(patch)``, so the patch-logit
+grid decomposes every logit exactly, and the evidence of a patch cannot leak into another (each
+patch is seen by the shared backbone alone).
+
+Explanation (``kind="patch"``):
+  * ``patch_logits`` (B,K,h,w): the logit grid, h = w = ceil(H/P);
+  * ``contributions`` (B,K,n) = patch logits / n — they sum to the logits (tested);
+  * ``attribution`` (B,1,H,W) = the target's patch-logit map, nearest-upsampled; its pixel mean is
+    the target logit (with padding, border cells are re-weighted by area so this stays exact);
+  * ``extras``: ``raw_map`` (= attribution), ``scaled_map`` (patch logit × global probability of
+    the target, the paper's "scaled" map), ``dense_map`` (overlapping windows at stride 1, averaged
+    per pixel; see :meth:`MedicalPatchNet.dense_map`), ``patch_size``, ``probability``.
+
+Dense map: the anchor shifts the patch grid by every (dy, dx) ∈ [0, P)² and averages P² maps (4096
+forward passes at P=64). Averaging over all shifts is the same as averaging, per pixel, the logits
+of *every* P×P window that covers it. With the default per-patch backbone (``patch_cnn``: unpadded
+convs whose receptive field is exactly P) all windows at stride 1 come out of one fully
+convolutional pass over the padded image (the early layers are shared by overlapping windows; the
+last layers still run once per window, which bounds the speed-up: 3.6–9× over shift-averaging at
+32 px / P=8, see benchmarks/bench_dense_map.py). Other backbones (``zoo_cnn``, any timm model)
+evaluate unfolded windows at ``dense_stride`` in batches. ``shift_averaged_map`` keeps the naive
+definition as the reference (tests and the benchmark check the maps are equal).
+
+Reference: MedicalPatchNet (TruhnLab/MedicalPatchNet); facts in /work/shared/REFERENCES.md §2.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.base import SelfExplainingModule
+from zoo.explanation import Explanation
+from zoo.nets.backbones import build_backbone
+from zoo.nets.patches import PatchCNN, pad_to_multiple, place_map, splat_windows, to_patches
+from zoo.registry import register_model
+
+
+@register_model("patchnet")
+class MedicalPatchNet(SelfExplainingModule):
+    explanation_kind = "patch"
+
+    def __init__(
+        self,
+        patch_size: int = 8,  # 8 px on 32 px images: a 4×4 grid; evidence objects are 6–10 px
+        backbone: str = "patch_cnn",  # "patch_cnn" (exact one-pass dense map), "zoo_cnn" or a timm name
+        widths: Sequence[int] = (32, 64, 128),  # stage widths of patch_cnn / zoo_cnn
+        pretrained: bool = False,  # timm weights (cannot be downloaded offline)
+        pad_value: float = 0.0,  # fills the border when H is not a multiple of P (0 = mid-grey in [-1,1])
+        dense_stride: int | None = None,  # window stride of the dense map; None: 1 for patch_cnn, ≤ P/2 otherwise
+        dense_padding: str = "replicate",  # what windows sticking out of the image see: replicate|reflect|constant|none
+        attribution_map: str = "raw",  # which map is `attribution`: "raw" (exact decomposition) or "dense"
+        **base,
+    ) -> None:
+        super().__init__(**base)
+        if patch_size < 2 or patch_size > self.image_size:
+            raise ValueError(f"patch_size must be in 2..image_size ({self.image_size}), got {patch_size}")
+        if attribution_map not in ("raw", "dense"):
+            raise ValueError(f"attribution_map must be 'raw' or 'dense', got {attribution_map!r}")
+        if dense_padding not in ("replicate", "reflect", "constant", "none"):
+            raise ValueError(f"dense_padding must be replicate, reflect, constant or none, got {dense_padding!r}")
+        if dense_stride is not None and not 1 <= dense_stride <= patch_size:
+            raise ValueError(f"dense_stride must be in 1..patch_size ({patch_size}), got {dense_stride}")
+        self.patch_size = patch_size
+        if backbone == "patch_cnn":
+            self.backbone = PatchCNN(self.in_channels, patch_size, widths=tuple(widths))
+        elif backbone == "zoo_cnn":
+            self.backbone = build_backbone("zoo_cnn", self.in_channels, widths=tuple(widths))
+        else:
+            self.backbone = build_backbone(backbone, self.in_channels, pretrained=pretrained)
+        self.head = nn.Linear(self.backbone.out_channels, self.num_classes)  # shared by every patch
+
+    @property
+    def explanation_variants(self) -> dict[str, dict]:
+        """Evaluation reports the other map (dense or raw) in a row of its own beside `attribution`."""
+        other = "dense" if self.hparams.attribution_map == "raw" else "raw"
+        return {other: {"attribution_map": other}}
+
+    # ------------------------------------------------------------------ the model
+    def _window_logits(self, windows: Tensor) -> Tensor:
+        """(N,C,P,P) windows → (N,K) logits, each window on its own."""
+        features = self.backbone(windows)  # (N,D,h',w'); 1×1 for patch_cnn
+        return self.head(features.mean(dim=(2, 3)))  # (N,K)
+
+    def _grid_logits(self, x: Tensor) -> Tensor:
+        """Images whose sides are multiples of P → the non-overlapping patch-logit grid (B,K,h,w)."""
+        B, _, H, W = x.shape
+        P = self.patch_size
+        patches = to_patches(x, P)  # (B,n,C,P,P), raster order
+        logits = self._window_logits(patches.flatten(0, 1))  # (B·n,K)
+        return logits.view(B, H // P, W // P, -1).permute(0, 3, 1, 2)  # (B,K,h,w)
+
+    def patch_logits(self, x: Tensor) -> Tensor:
+        """(B,C,H,W) → (B,K,h,w): one logit vector per non-overlapping patch (padded to a multiple of P)."""
+        padded, _ = pad_to_multiple(x, self.patch_size, self.hparams.pad_value)
+        return self._grid_logits(padded)
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        return self.patch_logits(x).mean(dim=(2, 3))  # (B,K): the mean patch logit
+
+    # ------------------------------------------------------------------ dense evidence map
+    def _pad_windows(self, x: Tensor, amount: int) -> Tensor:
+        """Pad by `amount` px per side the way windows that stick out of the image see it."""
+        mode = self.hparams.dense_padding
+        if mode == "none" or amount == 0:
+            return x
+        if mode == "constant":
+            return F.pad(x, (amount,) * 4, value=self.hparams.pad_value)
+        return F.pad(x, (amount,) * 4, mode=mode)  # replicate / reflect
+
+    def _default_stride(self, span_h: int, span_w: int) -> int:
+        if isinstance(self.backbone, PatchCNN):
+            return 1  # every window at stride 1 comes out of one fully convolutional pass
+        # Other backbones evaluate each window: the largest stride ≤ P/2 whose windows tile the span exactly.
+        P = self.patch_size
+        return max(s for s in range(1, max(1, P // 2) + 1) if span_h % s == 0 and span_w % s == 0)
+
+    def dense_map(self, x: Tensor, stride: int | None = None, chunk: int = 4096) -> Tensor:
+        """(B,C,H,W) → (B,K,H,W): per pixel, the mean logit of every P×P window (at `stride`) covering it.
+
+        Windows may stick out of the image by up to P-1 px; ``dense_padding`` says what they see there
+        (default "replicate": the border pixels continued; "none": such windows are skipped, so
+        border pixels average fewer windows). At stride 1 this equals :meth:`shift_averaged_map`.
+        """
+        P = self.patch_size
+        H, W = x.shape[-2:]
+        pad = 0 if self.hparams.dense_padding == "none" else P - 1
+        padded = self._pad_windows(x, pad)  # (B,C,H+2pad,W+2pad)
+        span_h, span_w = padded.shape[-2] - P, padded.shape[-1] - P
+        stride = stride or self.hparams.dense_stride or self._default_stride(span_h, span_w)
+        if span_h % stride or span_w % stride:
+            raise ValueError(f"dense stride {stride} must divide {span_h}×{span_w} (padded side - patch_size) "
+                             f"so that the windows reach the border")
+        if isinstance(self.backbone, PatchCNN) and stride == 1:
+            # One fully convolutional pass: the logits of every window at stride 1.
+            values = F.conv2d(self.backbone.dense(padded), self.head.weight[:, :, None, None], self.head.bias)
+        else:
+            B = x.shape[0]
+            windows = to_patches(padded, P, stride).flatten(0, 1)  # (B·h·w,C,P,P)
+            logits = torch.cat([self._window_logits(windows[i:i + chunk]) for i in range(0, windows.shape[0], chunk)])
+            values = logits.view(B, span_h // stride + 1, span_w // stride + 1, -1).permute(0, 3, 1, 2)
+        # values: (B,K,h,w) window logits; each pixel takes the mean over the windows covering it.
+        canvas = splat_windows(values, P, stride, tuple(padded.shape[-2:]))
+        return canvas[:, :, pad:pad + H, pad:pad + W]  # (B,K,H,W)
+
+    def shift_averaged_map(self, x: Tensor) -> Tensor:
+        """The anchor's dense map, kept as the reference: for every grid offset (dy, dx) ∈ [0,P)², shift
+        the patch grid (pad top-left by (dy, dx), bottom-right up to a multiple of P, as
+        ``dense_padding`` says), compute the non-overlapping patch map, upsample it (nearest), crop
+        back, and average the P² maps per pixel (with ``dense_padding="none"``: only over patches
+        inside the image). P² forward passes — use :meth:`dense_map` instead."""
+        P = self.patch_size
+        H, W = x.shape[-2:]
+        total = count = 0.0
+        big = self._pad_windows(x, P - 1)  # cropping this = padding by any amount ≤ P-1 the same way
+        for dy in range(P):
+            for dx in range(P):
+                bottom, right = (-(H + dy)) % P, (-(W + dx)) % P
+                top, left = P - 1 - dy, P - 1 - dx
+                if self.hparams.dense_padding == "none":
+                    shifted = F.pad(x, (dx, right, dy, bottom))
+                else:
+                    shifted = big[..., top:top + dy + H + bottom, left:left + dx + W + right]
+                grid = self._grid_logits(shifted)  # (B,K,h,w)
+                valid = torch.ones(1, 1, *grid.shape[-2:], device=x.device)
+                if self.hparams.dense_padding == "none":
+                    inside = torch.zeros(1, 1, *shifted.shape[-2:], device=x.device)
+                    inside[..., dy:dy + H, dx:dx + W] = 1
+                    valid = (F.avg_pool2d(inside, P) == 1).float()  # patches with no padded pixel
+
+                def up(t: Tensor) -> Tensor:  # nearest upsampling to the shifted canvas, cropped to the image
+                    return t.repeat_interleave(P, dim=2).repeat_interleave(P, dim=3)[:, :, dy:dy + H, dx:dx + W]
+
+                total = total + up(grid * valid)
+                count = count + up(valid)
+        return total / count  # (B,K,H,W)
+
+    # ------------------------------------------------------------------ explanation
+    def explain(self, x: Tensor, target: Tensor | int | None = None, dense: bool | None = None,
+                attribution_map: str | None = None) -> Explanation:
+        """Patch-logit grid, raw and scaled maps, and the dense map (``dense``; default: with patch_cnn,
+        where it costs about one forward pass). ``attribution_map`` ("raw"/"dense") overrides the
+        hyperparameter of the same name for this call."""
+        self.validate_input(x)
+        choice = attribution_map or self.hparams.attribution_map
+        if choice not in ("raw", "dense"):
+            raise ValueError(f"attribution_map must be 'raw' or 'dense', got {choice!r}")
+        P = self.patch_size
+        with torch.no_grad():
+            padded, (left, _, top, _) = pad_to_multiple(x, P, self.hparams.pad_value)
+            grid = self._grid_logits(padded)  # (B,K,h,w)
+            logits = grid.mean(dim=(2, 3))  # (B,K) exactly what forward returns
+            target = self.resolve_target(logits, target)
+            B, K, h, w = grid.shape
+            rows = torch.arange(B, device=x.device)
+            # Patch centres in input coordinates; cells = patch ∩ image, re-weighted so means add up.
+            cy = [i * P + (P - 1) / 2 - top for i in range(h)]
+            cx = [j * P + (P - 1) / 2 - left for j in range(w)]
+            raw = place_map(grid[rows, target][:, None], cy, cx, tuple(x.shape[-2:]))  # (B,1,H,W), mean = logit
+            prob = self.probabilities(logits)[rows, target]  # (B,) global probability of the target
+            extras = {"raw_map": raw, "scaled_map": raw * prob[:, None, None, None], "probability": prob,
+                      "patch_size": P, "grid_offset": (top, left)}
+            if dense is None:
+                dense = isinstance(self.backbone, PatchCNN)
+            if dense or choice == "dense":
+                extras["dense_map"] = self.dense_map(x)[rows, target][:, None]  # (B,1,H,W)
+        return Explanation(
+            logits=logits, target=target, kind="patch", inputs=x,
+            attribution=extras["dense_map"] if choice == "dense" else raw,
+            contributions=grid.flatten(2) / (h * w),  # (B,K,n): the sum over patches is the logit
+            patch_logits=grid, extras=extras)

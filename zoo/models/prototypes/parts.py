@@ -1,0 +1,410 @@
+"""Pieces shared by the prototype family: similarity layer, last layer, explanation, schedule, push.
+
+CaBRNet / ProtoPNeXt split a prototype network into extractor → similarity layer → decision head
+(+ post-training projection); so does this file. :class:`PrototypeNetwork` is the common Lightning
+base of ``protopnet``, ``prob_protopnet`` and ``proto_head``: a subclass builds ``self.backbone``,
+``self.add_on`` (feature extractor), the prototype parameters and calls :meth:`_build_head`.
+
+Computation (P prototypes, D feature dims, (h,w) feature grid, K classes):
+    z = add_on(backbone(x))                    (B,D,h,w)
+    d_j(z_hw) = distance(z_hw, p_j)            (B,P,h,w)   log-L2: ‖z − p‖²;  cosine: 1 − cos(z, p)
+    s_j = similarity(d_j)                      (B,P,h,w)   log-L2: log((d+1)/(d+1e-4));  cosine: cos
+    g_j(x) = max_hw s_j                        (B,P)
+    logits = g W^T                             (B,K)       no bias (as in the paper)
+
+Explanation (``kind="prototype"``): contributions[b,k,j] = W[k,j]·g_j(x_b) sum exactly to the
+logits; ``attribution`` places W[t,j]·g_j at the feature cell where g_j is attained, spread evenly
+over that cell's input pixels, so the map sums to the target logit. ``view="similarity"`` gives
+the smoother Σ_j W[t,j]·upsampled s_j instead (not a decomposition; reported as a second row).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.base import SelfExplainingModule
+from zoo.explanation import Explanation
+
+from .push import PushResult, percentile_box, provenance_dicts, push_prototypes
+
+log = logging.getLogger("zoo.prototypes")
+
+SIMILARITIES = ("log_l2", "cosine")
+PHASES = ("warm", "joint", "push", "last_layer")
+LOSS_WEIGHTS = ("clst_weight", "sep_weight", "l1_weight")  # a schedule entry may override these
+LOG_EPS = 1e-4  # ProtoPNet's ε in log((d+1)/(d+ε)): the similarity of an exact match is log(1e4) ≈ 9.2
+
+
+# ---------------------------------------------------------------------- similarity layer
+def l2_distances(z: Tensor, prototypes: Tensor) -> Tensor:
+    """‖z_hw − p_j‖² for every location and prototype, via ‖z‖² − 2⟨z,p⟩ + ‖p‖² (one matmul).
+
+    z (B,D,h,w), prototypes (P,D) → (B,P,h,w), ReLU'd against round-off below zero."""
+    z2 = z.square().sum(1, keepdim=True)  # (B,1,h,w)
+    p2 = prototypes.square().sum(1).view(1, -1, 1, 1)  # (1,P,1,1)
+    zp = torch.einsum("bdhw,pd->bphw", z, prototypes)  # (B,P,h,w)
+    return (z2 - 2 * zp + p2).clamp_min(0)
+
+
+def cosine_distances(z: Tensor, prototypes: Tensor) -> Tensor:
+    """1 − cos(z_hw, p_j) ∈ [0, 2]: (B,D,h,w), (P,D) → (B,P,h,w)."""
+    return 1 - torch.einsum("bdhw,pd->bphw", F.normalize(z, dim=1), F.normalize(prototypes, dim=1))
+
+
+def distances(z: Tensor, prototypes: Tensor, kind: str) -> Tensor:
+    return l2_distances(z, prototypes) if kind == "log_l2" else cosine_distances(z, prototypes)
+
+
+def similarity_from_distance(d: Tensor, kind: str) -> Tensor:
+    """log-L2: log((d+1)/(d+ε)) (large for close patches, → 0 far away); cosine: cos = 1 − d."""
+    return torch.log((d + 1) / (d + LOG_EPS)) if kind == "log_l2" else 1 - d
+
+
+def class_identity(num_prototypes_per_class: int, num_classes: int) -> Tensor:
+    """(P,K) one-hot: prototype j belongs to class j // per_class."""
+    return torch.eye(num_classes).repeat_interleave(num_prototypes_per_class, dim=0)
+
+
+def cell_partition(h: int, w: int, H: int, W: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Input pixel → feature cell: rows (H,), cols (W,) with pixel y in cell ⌊y·h/H⌋; and the (h,w)
+    pixel count of each cell (so a value spread over a cell keeps its sum)."""
+    rows = torch.arange(H, device=device) * h // H
+    cols = torch.arange(W, device=device) * w // W
+    counts = torch.bincount(rows, minlength=h)[:, None] * torch.bincount(cols, minlength=w)[None, :]
+    return rows, cols, counts
+
+
+def spread_over_cells(cell_values: Tensor, H: int, W: int) -> Tensor:
+    """(B,h,w) values → (B,1,H,W): each value spread evenly over its input cell; sums are kept."""
+    B, h, w = cell_values.shape
+    rows, cols, counts = cell_partition(h, w, H, W, cell_values.device)
+    per_pixel = cell_values / counts.to(cell_values.dtype)  # (B,h,w)
+    return per_pixel[:, rows][:, :, cols].unsqueeze(1)
+
+
+# ---------------------------------------------------------------------- shared Lightning base
+class PrototypeNetwork(SelfExplainingModule):
+    """Base of the prototype family (not registered). Subclasses build the extractor and call
+    :meth:`_build_head` after ``super().__init__``."""
+
+    explanation_kind = "prototype"
+    # Parts trained in each phase (ProtoPNet: warm = add-on + prototypes; joint = + backbone;
+    # last_layer = the last layer only). Subclasses may change the sets (ProtoHead never trains its backbone).
+    phase_parts: dict[str, tuple[str, ...]] = {
+        "warm": ("add_on", "prototypes"),
+        "joint": ("backbone", "add_on", "prototypes"),
+        "last_layer": ("last_layer",),
+    }
+
+    # ------------------------------------------------------------------ building
+    def _build_head(self, prototype_dim: int, prototypes_per_class: int, similarity: str,
+                    incorrect_weight: float, last_layer_scale: float = 1.0, keep_push_images: bool = True,
+                    prototype_init: str = "uniform") -> None:
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
+        if prototypes_per_class < 1:
+            raise ValueError(f"prototypes_per_class must be ≥ 1, got {prototypes_per_class}")
+        K, P = self.num_classes, prototypes_per_class * self.num_classes
+        self.similarity_kind, self.num_prototypes = similarity, P
+        # log-L2 + sigmoid add-on: features live in (0,1)^D, so uniform [0,1) prototypes start among them.
+        init = torch.rand(P, prototype_dim) if prototype_init == "uniform" else torch.randn(P, prototype_dim)
+        self.prototypes = nn.Parameter(init)  # (P,D)
+        identity = class_identity(prototypes_per_class, K)  # (P,K)
+        self.register_buffer("prototype_identity", identity, persistent=False)
+        self.register_buffer("prototype_class", identity.argmax(1), persistent=False)  # (P,)
+        self.last_layer = nn.Linear(P, K, bias=False)
+        # Paper's initialisation: +1 to the own class, `incorrect_weight` (−0.5) to the others.
+        with torch.no_grad():
+            self.last_layer.weight.copy_(last_layer_scale * (identity.T + incorrect_weight * (1 - identity.T)))
+        # Provenance of the last push, as buffers so it travels with the safetensors weights.
+        self.register_buffer("push_index", torch.full((P,), -1, dtype=torch.long))
+        self.register_buffer("push_location", torch.zeros(P, 2, dtype=torch.long))
+        self.register_buffer("push_distance", torch.full((P,), float("inf")))
+        self.register_buffer("push_box", torch.zeros(P, 4, dtype=torch.long))
+        self.register_buffer("push_cell", torch.zeros(P, 4, dtype=torch.long))
+        if keep_push_images:  # the source images for galleries (fp16: P·C·H·W·2 bytes, 80 kB at 40×32²)
+            self.register_buffer("push_images", torch.zeros(P, self.in_channels, self.image_size, self.image_size,
+                                                            dtype=torch.float16))
+        else:
+            self.push_images = None
+        self._frozen: set[str] = set()
+        self._needs_push = False
+
+    # ------------------------------------------------------------------ computation
+    def features(self, x: Tensor) -> Tensor:  # (B,C,H,W) -> (B,D,h,w)
+        return self.add_on(self.backbone(x))
+
+    def prototype_vectors(self) -> Tensor:  # (P,D): what push projects (the means for Prob-PSENN)
+        return self.prototypes
+
+    def distances(self, z: Tensor, prototypes: Tensor | None = None) -> Tensor:  # (B,P,h,w)
+        return distances(z, self.prototype_vectors() if prototypes is None else prototypes, self.similarity_kind)
+
+    def similarity(self, d: Tensor) -> Tensor:
+        return similarity_from_distance(d, self.similarity_kind)
+
+    def _parts(self, z: Tensor, prototypes: Tensor | None = None) -> dict[str, Tensor]:
+        """Everything the prediction is made of, for one set of prototype vectors."""
+        d = self.distances(z, prototypes)  # (B,P,h,w)
+        s = self.similarity(d)  # (B,P,h,w)
+        g, where = s.flatten(2).max(dim=2)  # (B,P) max-pooled similarity and its flat location
+        logits = self.last_layer(g)  # (B,K)
+        return {"d": d, "s": s, "g": g, "where": where, "logits": logits, "d_min": d.flatten(2).min(dim=2).values}
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        return self._parts(self.features(x))["logits"]
+
+    # ------------------------------------------------------------------ loss
+    def prototype_loss(self, labels: Tensor, d_min: Tensor) -> tuple[Tensor, Tensor]:
+        """Cluster and separation costs: mean over images of the min distance to own-class
+        prototypes (Clst) and to other-class prototypes (Sep). d_min (B,P)."""
+        own = self.prototype_identity[:, labels].T.bool() if labels.ndim == 1 else \
+            (labels.float() @ self.prototype_identity.T > 0)  # (B,P)
+        big = torch.finfo(d_min.dtype).max
+        clst = d_min.masked_fill(~own, big).min(1).values.mean()
+        sep = d_min.masked_fill(own, big).min(1).values.mean()
+        return clst, sep
+
+    def l1_wrong_class(self) -> Tensor:
+        """‖W ⊙ (1 − I)‖₁: only the weights from prototypes to classes they do not belong to."""
+        return (self.last_layer.weight * (1 - self.prototype_identity.T)).abs().sum()
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        x, y = batch["image"], batch["label"]
+        self.validate_input(x)
+        parts = self._parts(self.features(x))
+        ce = self.task_loss(parts["logits"], y)
+        clst, sep = self.prototype_loss(y, parts["d_min"])
+        l1 = self.l1_wrong_class()
+        w = self.loss_weight
+        loss = ce + w("clst_weight") * clst - w("sep_weight") * sep + w("l1_weight") * l1
+        return loss, parts["logits"], {"ce": ce.detach(), "clst": clst.detach(), "sep": sep.detach(), "l1": l1.detach()}
+
+    # ------------------------------------------------------------------ explanation
+    explanation_variants = {"similarity": {"view": "similarity"}}  # evaluation: a second row for this view
+
+    def explain(self, x: Tensor, target: Tensor | int | None = None, view: str = "exact", top_k: int = 3,
+                maps: bool = True) -> Explanation:
+        """This looks like that: per-prototype similarity maps, contributions, top-k prototypes.
+
+        view: "exact" (attribution sums to the target logit) or "similarity" (Σ_j W[t,j]·upsampled s_j).
+        maps: fill ``prototype_maps`` (B,P,H,W); turn off for many prototypes at large sizes.
+        """
+        self.validate_input(x)
+        if view not in ("exact", "similarity"):
+            raise ValueError(f"unknown view {view!r}; expected 'exact' or 'similarity'")
+        with torch.no_grad():
+            parts = self._parts(self.features(x))
+        logits = parts["logits"]
+        target = self.resolve_target(logits, target)
+        return self._explanation(x, target, parts, view, top_k, maps)
+
+    @torch.no_grad()
+    def _explanation(self, x: Tensor, target: Tensor, parts: dict[str, Tensor], view: str, top_k: int,
+                     maps: bool, logits: Tensor | None = None, **extra: Any) -> Explanation:
+        H, W = x.shape[-2:]
+        s, g, where = parts["s"], parts["g"], parts["where"]  # (B,P,h,w), (B,P), (B,P)
+        B, P, h, w = s.shape
+        weight = self.last_layer.weight  # (K,P)
+        contributions = weight[None] * g[:, None, :]  # (B,K,P): sums to the logits (no bias)
+        w_t = weight[target]  # (B,P)
+        attribution = self.attribution_map(parts, target, view, (H, W))
+        k = min(top_k, P)
+        top = (w_t * g).topk(k, dim=1).indices  # (B,k) prototypes contributing most to the target
+        loc = where.gather(1, top)  # (B,k) flat feature location of each
+        extras = {"view": view, "top_prototypes": top, "top_locations": torch.stack([loc // w, loc % w], -1),
+                  "prototype_class": self.prototype_class, "grid": (h, w), "similarity": self.similarity_kind,
+                  "duplicates": self.duplicate_groups()}
+        if maps:
+            up = F.interpolate(s, size=(H, W), mode="bilinear", align_corners=False)  # (B,P,H,W)
+            extras["top_boxes"] = percentile_box(up[torch.arange(B)[:, None], top].reshape(B * k, H, W)).view(B, k, 4)
+        if self.push_images is not None and bool((self.push_index >= 0).any()):
+            extras["source_images"] = self.push_images.float()
+        extras.update(extra)
+        return Explanation(
+            logits=parts["logits"] if logits is None else logits, target=target, kind="prototype",
+            attribution=attribution, inputs=x, contributions=None if logits is not None else contributions,
+            bias=None if logits is not None else torch.zeros(self.num_classes, device=x.device),
+            prototype_similarities=g, prototype_maps=up if maps else None,
+            prototype_provenance=self.provenance(), extras=extras)
+
+    @torch.no_grad()
+    def attribution_map(self, parts: dict[str, Tensor], target: Tensor, view: str, size: tuple[int, int]) -> Tensor:
+        """(B,1,H,W) map of the target logit. "exact": W[t,j]·g_j placed at the cell where g_j is
+        attained, spread evenly over the cell's pixels (sums to the logit); "similarity":
+        Σ_j W[t,j]·s_j bilinearly upsampled (smoother, not a decomposition)."""
+        s, g, where = parts["s"], parts["g"], parts["where"]  # (B,P,h,w), (B,P), (B,P)
+        B, P, h, w = s.shape
+        w_t = self.last_layer.weight[target]  # (B,P)
+        if view == "exact":
+            cells = torch.zeros(B, h * w, device=s.device, dtype=s.dtype)
+            cells.scatter_add_(1, where, w_t * g)  # each prototype's contribution at its max location
+            return spread_over_cells(cells.view(B, h, w), *size)
+        coarse = torch.einsum("bp,bphw->bhw", w_t, s)[:, None]  # linear, so = Σ_j W·upsampled s_j
+        return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+
+    def provenance(self) -> list[dict]:
+        return provenance_dicts(self.push_index, self.push_location, self.push_distance, self.push_box,
+                                self.push_cell, self.prototype_class)
+
+    def duplicate_groups(self) -> list[list[int]]:
+        from .push import find_duplicates
+
+        found = self.push_index >= 0
+        if not bool(found.any()):
+            return []
+        h_w = int(self.push_location.max()) + 1
+        return find_duplicates(self.push_index, self.push_location[:, 0] * h_w + self.push_location[:, 1], found)
+
+    # ------------------------------------------------------------------ push
+    @torch.no_grad()
+    def push(self, dataset, batch_size: int = 256, **kwargs: Any) -> PushResult:
+        """Project the prototypes onto their nearest training patches (see push.push_prototypes),
+        copy the result in and record the provenance. Runs the extractor in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            result = push_prototypes(
+                self.features, self.prototype_vectors(), self.prototype_class, dataset, self.distances,
+                self.similarity, image_size=self.image_size, batch_size=batch_size,
+                keep_images=self.push_images is not None, device=self.device, **kwargs)
+        finally:
+            self.train(was_training)
+        self.set_prototype_vectors(result.prototypes)
+        self.push_index.copy_(result.index)
+        self.push_location.copy_(result.location)
+        self.push_distance.copy_(result.distance)
+        self.push_box.copy_(result.box)
+        self.push_cell.copy_(result.cell)
+        if self.push_images is not None and result.source_images is not None:
+            self.push_images.copy_(result.source_images.to(self.push_images.dtype))
+        self._needs_push = False
+        return result
+
+    def set_prototype_vectors(self, vectors: Tensor) -> None:
+        self.prototypes.data.copy_(vectors)
+
+    # ------------------------------------------------------------------ schedule as data
+    def part_modules(self) -> dict[str, list[nn.Parameter]]:
+        return {"backbone": list(self.backbone.parameters()), "add_on": list(self.add_on.parameters()),
+                "prototypes": self.prototype_parameters(), "last_layer": list(self.last_layer.parameters())}
+
+    def prototype_parameters(self) -> list[nn.Parameter]:
+        return [self.prototypes]
+
+    def set_trainable(self, parts: Sequence[str]) -> None:
+        """Train only `parts`; the others get requires_grad=False and (modules) stay in eval mode, so
+        frozen BatchNorm statistics do not drift (a pushed prototype stays equal to its source patch)."""
+        for name, params in self.part_modules().items():
+            for p in params:
+                p.requires_grad_(name in parts)
+        self._frozen = {name for name in ("backbone", "add_on") if name not in parts}
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in getattr(self, "_frozen", ()):
+            getattr(self, name).eval()
+        return self
+
+    def enter_phase(self, phase: str) -> None:
+        if phase == "push":
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if dm is None or not hasattr(dm, "dataset"):
+                raise RuntimeError("push needs the trainer's datamodule (with .dataset('train'))")
+            result = self.push(dm.dataset("train"), batch_size=self.hparams.get("push_batch_size", 256))
+            log.info("push at epoch %d: mean distance %.4f, %d duplicate group(s)", self.current_epoch,
+                     float(result.distance[result.index >= 0].mean()), len(result.duplicates))
+            self._save_gallery(dm)
+            return
+        if phase not in self.phase_parts:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {tuple(self.phase_parts) + ('push',)}")
+        self.set_trainable(self.phase_parts[phase])
+        # A schedule entry may override loss weights for its epochs, e.g. {phase: joint, epochs: 2,
+        # clst_weight: 0, sep_weight: 0}: CE-only epochs first when the backbone starts from scratch.
+        entry = self.schedule_entry(phase)
+        self._loss_overrides = {k: float(entry[k]) for k in LOSS_WEIGHTS if k in entry}
+        if "prototypes" in self.phase_parts[phase]:
+            self._needs_push = True
+
+    def _save_gallery(self, datamodule) -> None:
+        """The prototype gallery of this push as a PNG in the run folder (rank 0 only)."""
+        if self.push_images is None or not self.trainer.is_global_zero:
+            return
+        from pathlib import Path
+
+        from zoo.viz.prototype import prototype_gallery
+
+        path = Path(self.trainer.default_root_dir) / "figures" / f"prototype-gallery-epoch{self.current_epoch:03d}.png"
+        prototype_gallery(self, path, class_names=getattr(datamodule, "class_names", None))
+
+    def schedule_entry(self, phase: str, epoch: int | None = None) -> dict:
+        """The schedule entry of `phase` that starts at `epoch` (default: the current epoch)."""
+        epoch = self.current_epoch if epoch is None else epoch
+        start = 0
+        for entry in self.hparams.get("schedule") or []:
+            if start == epoch and entry["phase"] == phase:
+                return dict(entry)
+            start += int(entry.get("epochs", 0))
+        return {"phase": phase}
+
+    def loss_weight(self, name: str) -> float:
+        return getattr(self, "_loss_overrides", {}).get(name, self.hparams[name])
+
+    def on_fit_start(self) -> None:
+        entries = self.hparams.get("schedule") or []
+        if entries and self.trainer is not None and self.trainer.max_epochs is not None \
+                and self.schedule_epochs() > self.trainer.max_epochs:
+            log.warning("%s: schedule has %d epochs but trainer.max_epochs=%d; later phases will not run",
+                        self.model_name, self.schedule_epochs(), self.trainer.max_epochs)
+
+    def on_fit_end(self) -> None:
+        # A network whose prototypes were trained after the last push is not a "this looks like that"
+        # model yet (prototypes are not real patches): push once more (the last layer is not refit).
+        if self._needs_push and self.hparams.get("push_at_end", True) and self._trainer is not None:
+            log.warning("%s: prototypes changed after the last push; pushing at the end of fit", self.model_name)
+            self.enter_phase("push")
+
+    def param_groups(self) -> list[dict]:
+        hp = self.hparams
+        lrs = {"backbone": hp.backbone_lr, "add_on": hp.lr, "prototypes": hp.lr, "last_layer": hp.last_layer_lr}
+        groups = []
+        for name, params in self.part_modules().items():
+            params = [p for p in params if name != "backbone" or not self.hparams.get("freeze_backbone", False)]
+            if params:
+                # No weight decay on prototypes and the last layer (their own losses regularise them).
+                wd = hp.weight_decay if name in ("backbone", "add_on") else 0.0
+                groups.append({"params": params, "lr": lrs[name], "weight_decay": wd, "name": name})
+        return groups
+
+    # ------------------------------------------------------------------ interpretability report
+    def image_report_rows(self, datamodule, baseline=None, n_images: int = 256) -> dict[str, dict[str, float]]:
+        """EvalProtoPNet consistency / stability (keypoints) or the annotation-free stability."""
+        from zoo.evaluation import take_images
+        from zoo.metrics.prototypes import prototype_interpretability
+
+        self.eval()
+        batch = take_images(datamodule, "test", n_images)
+        with torch.no_grad():
+            row = prototype_interpretability(
+                lambda x: self.prototype_maps(x.to(self.device)).cpu(), batch["image"], batch["label"],
+                self.prototype_class.cpu(), keypoints=batch.get("keypoints"), generator=torch.Generator().manual_seed(0))
+        return {f"{self.model_name} prototypes (EvalProtoPNet)": row}
+
+    @torch.no_grad()
+    def prototype_maps(self, x: Tensor) -> Tensor:
+        """(B,P,H,W) similarity maps upsampled to the input (bicubic, as EvalProtoPNet does)."""
+        s = self._parts(self.features(x))["s"]
+        return F.interpolate(s, size=x.shape[-2:], mode="bicubic", align_corners=False)
+
+
+def ddp_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

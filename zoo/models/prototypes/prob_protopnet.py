@@ -1,0 +1,178 @@
+"""Probabilistic prototypes (Prob-PSENN): every prototype is a Gaussian N(μ_j, diag σ_j²).
+
+Training draws reparameterised prototype samples p = μ + σ ⊙ ε (one set per step, shared by the
+batch) and minimises the ProtoPNet loss on them + a KL term that keeps σ near a prior scale
+(without it σ → 0 and the model is a plain ProtoPNet). Push projects the means μ.
+
+Inference uses S prototype samples. ε is drawn once at construction from a seeded generator and
+stored as a buffer, so the model is a deterministic function (the contract test compares forward,
+explain and a saved/loaded copy bit for bit) while still being an S-sample Monte-Carlo estimate:
+
+    logits_s = W g(x; μ + σ ε_s)                 (S,B,K)  one ProtoPNet per sample
+    forward(x) = log mean_s softmax(logits_s)     (B,K)    log predictive probabilities
+
+so ``softmax(forward(x))`` is the predictive distribution. The explanation is a distribution too:
+per-sample similarities, contributions and top prototypes; ``Explanation.uncertainty`` reports
+predictive entropy, mutual information (epistemic part), the variance of the prototype
+similarities across samples and the disagreement on the top prototype. ``attribution`` is the mean
+over samples of the exact per-sample maps (it sums to the mean sampled target logit, not to the
+log predictive probability); ``extras["sample_contributions"]`` (S,B,K,P) sum to
+``extras["sample_logits"]`` (S,B,K) exactly.
+
+No public code exists (REFERENCES.md §1); this follows the paper's description.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.explanation import Explanation
+from zoo.nets.backbones import build_backbone
+from zoo.registry import register_model
+
+from .parts import PrototypeNetwork
+from .protopnet import DEFAULT_SCHEDULE, add_on_layers
+
+
+@register_model("prob_protopnet")
+class ProbProtoPNet(PrototypeNetwork):
+    def __init__(
+        self,
+        backbone: str = "zoo_cnn",
+        widths: Sequence[int] = (32, 64),  # see ProtoPNet
+        pretrained: bool = False,
+        prototype_dim: int = 64,
+        prototypes_per_class: int = 10,
+        similarity: str = "log_l2",
+        incorrect_weight: float = -0.5,
+        clst_weight: float = 0.8,
+        sep_weight: float = 0.08,
+        l1_weight: float = 1e-4,
+        kl_weight: float = 1e-3,  # per prototype dimension; small: σ is a scale, not the point of the loss
+        prior_std: float = 0.1,  # σ the KL pulls towards; features live in (0,1), so 0.1 is a sizeable spread
+        init_std: float = 0.05,
+        n_samples: int = 16,  # S prototype draws at inference (MC estimate of the predictive)
+        sample_seed: int = 0,  # seeds the stored ε (S,P,D) so inference is deterministic
+        backbone_lr: float = 1e-3,
+        last_layer_lr: float = 1e-3,
+        push_batch_size: int = 256,
+        push_at_end: bool = True,
+        keep_push_images: bool = True,
+        schedule: Sequence[dict] | None = DEFAULT_SCHEDULE,
+        **base,
+    ) -> None:
+        base.setdefault("lr", 3e-3)
+        super().__init__(schedule=schedule, **base)
+        if n_samples < 2:
+            raise ValueError(f"n_samples must be ≥ 2 to estimate uncertainty, got {n_samples}")
+        if prior_std <= 0 or init_std <= 0:
+            raise ValueError("prior_std and init_std must be > 0")
+        self.backbone = build_backbone(backbone, self.in_channels, pretrained=pretrained,
+                                       **({"widths": tuple(widths)} if backbone == "zoo_cnn" else {}))
+        self.add_on = add_on_layers(self.backbone.out_channels, prototype_dim)
+        self._build_head(prototype_dim, prototypes_per_class, similarity, incorrect_weight,
+                         keep_push_images=keep_push_images)
+        P = self.num_prototypes
+        # `self.prototypes` (P,D) holds the means μ; log σ per prototype and dimension.
+        self.log_std = nn.Parameter(torch.full((P, prototype_dim), math.log(init_std)))
+        g = torch.Generator().manual_seed(sample_seed)
+        self.register_buffer("eps", torch.randn(n_samples, P, prototype_dim, generator=g))  # (S,P,D)
+
+    # ------------------------------------------------------------------ sampling
+    def prototype_parameters(self) -> list[nn.Parameter]:
+        return [self.prototypes, self.log_std]
+
+    def prototype_samples(self, eps: Tensor | None = None) -> Tensor:
+        """(S,P,D) prototypes μ + σ ε for the stored ε (or the given one)."""
+        eps = self.eps if eps is None else eps
+        return self.prototypes[None] + self.log_std.exp()[None] * eps
+
+    def _sample_parts(self, x: Tensor) -> list[dict[str, Tensor]]:
+        z = self.features(x)  # shared by all samples: only the prototypes are random
+        return [self._parts(z, p) for p in self.prototype_samples()]
+
+    @staticmethod
+    def _log_predictive(sample_logits: Tensor) -> Tensor:
+        """(S,B,K) → (B,K) log mean_s softmax(logits_s)."""
+        S = sample_logits.shape[0]
+        return torch.logsumexp(F.log_softmax(sample_logits, dim=-1), dim=0) - math.log(S)
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        return self._log_predictive(torch.stack([p["logits"] for p in self._sample_parts(x)]))
+
+    # ------------------------------------------------------------------ loss
+    def kl(self) -> Tensor:
+        """KL(N(μ, σ²) ‖ N(μ, σ_p²)) per dimension, averaged: acts on σ only."""
+        ratio = (2 * self.log_std).exp() / self.hparams.prior_std ** 2
+        return 0.5 * (ratio - 1 - ratio.log()).mean()
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        x, y = batch["image"], batch["label"]
+        self.validate_input(x)
+        sample = self.prototype_samples(torch.randn_like(self.eps[0])[None])[0]  # (P,D) reparameterised
+        parts = self._parts(self.features(x), sample)
+        ce = self.task_loss(parts["logits"], y)
+        clst, sep = self.prototype_loss(y, parts["d_min"])
+        l1, kl = self.l1_wrong_class(), self.kl()
+        w = self.loss_weight
+        loss = ce + w("clst_weight") * clst - w("sep_weight") * sep + w("l1_weight") * l1 + hp.kl_weight * kl
+        return loss, parts["logits"], {"ce": ce.detach(), "clst": clst.detach(), "sep": sep.detach(),
+                                       "kl": kl.detach(), "std": self.log_std.exp().mean().detach()}
+
+    # ------------------------------------------------------------------ explanation
+    def explain(self, x: Tensor, target: Tensor | int | None = None, view: str = "exact", top_k: int = 3,
+                maps: bool = True) -> Explanation:
+        self.validate_input(x)
+        if view not in ("exact", "similarity"):
+            raise ValueError(f"unknown view {view!r}; expected 'exact' or 'similarity'")
+        with torch.no_grad():
+            samples = self._sample_parts(x)
+        sample_logits = torch.stack([p["logits"] for p in samples])  # (S,B,K)
+        logits = self._log_predictive(sample_logits)
+        target = self.resolve_target(logits, target)
+        # One exact explanation per sample; the reported maps are their means.
+        attribution = torch.stack([self.attribution_map(p, target, view, tuple(x.shape[-2:]))
+                                   for p in samples]).mean(0)  # (B,1,H,W)
+        g_s = torch.stack([p["g"] for p in samples])  # (S,B,P)
+        weight = self.last_layer.weight
+        sample_contrib = weight[None, None] * g_s[:, :, None, :]  # (S,B,K,P)
+        top_s = (weight[target][None] * g_s).argmax(-1)  # (S,B) top prototype per sample
+        mode = top_s.mode(dim=0).values  # (B,)
+        agreement = (top_s == mode[None]).float().mean(0)  # (B,)
+        uncertainty = predictive_uncertainty(sample_logits)
+        uncertainty["similarity_variance"] = g_s.var(dim=0).mean(1)  # (B,) mean over prototypes
+        uncertainty["top_prototype_disagreement"] = 1 - agreement
+        with torch.no_grad():  # maps, top-k and boxes of the mean prototypes μ
+            mean_parts = self._parts(self.features(x), self.prototypes)
+        expl = self._explanation(x, target, mean_parts, view, top_k, maps, logits=logits,
+                                 sample_logits=sample_logits, sample_contributions=sample_contrib,
+                                 sample_similarities=g_s, sample_top_prototype=top_s, top_prototype_mode=mode,
+                                 top_prototype_agreement=agreement,
+                                 attribution_sums_to="mean over samples of the sampled target logit")
+        expl.attribution = attribution
+        expl.prototype_similarities = g_s.mean(0)
+        expl.uncertainty = uncertainty
+        return expl
+
+    # ------------------------------------------------------------------ OOD / calibration report
+    def image_report_rows(self, datamodule, baseline=None, n_images: int = 256) -> dict[str, dict[str, float]]:
+        rows = super().image_report_rows(datamodule, baseline, n_images)
+        from .uncertainty import uncertainty_report
+
+        rows.update(uncertainty_report(self, datamodule))
+        return rows
+
+
+def predictive_uncertainty(sample_logits: Tensor) -> dict[str, Tensor]:
+    """(S,B,K) sampled logits → predictive entropy H[E p] and mutual information H[E p] − E H[p] (B,)."""
+    probs = sample_logits.softmax(-1)  # (S,B,K)
+    mean = probs.mean(0)
+    entropy = -(mean * mean.clamp_min(1e-12).log()).sum(-1)
+    expected = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean(0)
+    return {"predictive_entropy": entropy, "mutual_information": (entropy - expected).clamp_min(0)}

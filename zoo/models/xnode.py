@@ -1,0 +1,480 @@
+"""X-Node: a GNN whose nodes explain themselves (paper design, see REFERENCES.md §5).
+
+Graph: one node per image (zoo.data.graphs: kNN over CNN embeddings, leak-free context vectors).
+Per node i with context vector c_i (degree, weighted degree, clustering, PageRank, saliency,
+label agreement — standardised):
+
+    e_i  = Reasoner(c_i)                       # MLP C→64→32: the explanation vector
+    h^l  = act(Conv_l([h^{l-1} ‖ e], A, w))    # e injected into EVERY message-passing layer,
+                                               # so neighbours' explanations travel with messages
+    logits_i = Linear(h^L_i)
+    ĥ_i  = Decoder(e_i) ≈ sg(h^L_i)            # faithfulness: e must carry the node's own latent
+
+Loss (train-mask nodes only): CE + recon_weight · MSE(ĥ, stop-grad(h^L)). Backbones: GCN, GAT, GIN
+(torch-geometric). ``gnn`` is the same network without context, reasoner, decoder or injection —
+the "same GNN without X-Node" control.
+
+Explanation (kind "node-context"): the context vector, the explanation vector, the decoder's
+per-node R², context ablation (change in the explained class's probability when each standardised
+cue is set to its training mean, 0, for every node), the training-labelled neighbours, and offline
+text: template sentences each stating numbers that :func:`check_text` recomputes from the model
+and the graph. ``extras["edge_mask"]`` marks the edges from training neighbours labelled with the
+explained class (float32, for torch_geometric.explain metrics).
+
+Inputs: a torch_geometric ``Data`` (x, edge_index, edge_weight, context, optional y_train,
+context_raw, images, class_names, train_mask) or the tensors ``forward(x, edge_index, edge_weight,
+context)`` — the call PyG / Captum tools make. ``forward`` returns plain logits (N,K) for every node.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.base import SelfExplainingModule
+from zoo.explanation import Explanation
+from zoo.registry import register_model
+
+BACKBONES = ("gcn", "gat", "gin")
+DEFAULT_CONTEXT = ("degree", "weighted_degree", "clustering", "pagerank", "saliency", "label_agreement")
+
+
+class GraphInput:
+    """The tensors of one graph, from a Data object or from PyG-style positional arguments."""
+
+    def __init__(self, x, edge_index=None, edge_weight=None, context=None, **extra: Any) -> None:
+        if hasattr(x, "edge_index") and not isinstance(x, Tensor):  # a torch_geometric Data
+            data = x
+            x, edge_index = data.x, data.edge_index
+            edge_weight = getattr(data, "edge_weight", None) if edge_weight is None else edge_weight
+            context = getattr(data, "context", None) if context is None else context
+            for key in ("y_train", "context_raw", "images", "class_names", "train_mask", "context_names"):
+                extra.setdefault(key, getattr(data, key, None))
+        self.x, self.edge_index, self.edge_weight, self.context = x, edge_index, edge_weight, context
+        self.extra = extra
+
+    @property
+    def num_nodes(self) -> int:
+        return self.x.shape[0]
+
+
+@register_model("gnn")
+class GNN(SelfExplainingModule):
+    """A plain GCN / GAT / GIN node classifier over image graphs (the control without X-Node)."""
+
+    input_kind = "graph"
+    explanation_kind = "post-hoc"
+    uses_context = False
+
+    def __init__(self, backbone: str = "gcn", num_node_features: int = 128, context_dim: int = 6,
+                 hidden: int = 64, layers: int = 2, heads: int = 4, dropout: float = 0.5,
+                 **base) -> None:
+        super().__init__(**base)
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown GNN backbone {backbone!r}; expected one of {BACKBONES}")
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        if backbone == "gat" and hidden % heads:
+            raise ValueError(f"GAT: hidden ({hidden}) must be divisible by heads ({heads})")
+        self.backbone, self.dropout = backbone, dropout
+        self.num_node_features, self.context_dim = num_node_features, context_dim
+        inject = self._injected_dim()
+        dims = [num_node_features] + [hidden] * layers
+        self.convs = nn.ModuleList(self._conv(dims[i] + inject, dims[i + 1]) for i in range(layers))
+        self.classifier = nn.Linear(hidden, self.num_classes)
+
+    def _injected_dim(self) -> int:
+        return 0
+
+    def _conv(self, d_in: int, d_out: int) -> nn.Module:
+        from torch_geometric.nn import GATConv, GCNConv, GINConv
+
+        if self.backbone == "gcn":
+            return GCNConv(d_in, d_out)  # symmetric normalisation with edge weights, self-loops
+        if self.backbone == "gat":
+            heads = self.hparams.heads  # edge similarity enters the attention as a 1-d edge feature
+            return GATConv(d_in, d_out // heads, heads=heads, edge_dim=1)
+        # GIN aggregates by sum and takes no edge weights (injective aggregation is its point).
+        return GINConv(nn.Sequential(nn.Linear(d_in, d_out), nn.ReLU(), nn.Linear(d_out, d_out)), train_eps=True)
+
+    def _apply_conv(self, conv: nn.Module, h: Tensor, g: GraphInput) -> Tensor:
+        if self.backbone == "gcn":
+            return conv(h, g.edge_index, g.edge_weight)
+        if self.backbone == "gat":
+            attr = None if g.edge_weight is None else g.edge_weight.view(-1, 1)
+            return conv(h, g.edge_index, edge_attr=attr)
+        return conv(h, g.edge_index)
+
+    # ------------------------------------------------------------------ input
+    def example_input(self, batch_size: int = 2):
+        """A valid small graph: `batch_size` nodes on a ring, random features and context."""
+        from torch_geometric.data import Data
+
+        n = max(2, batch_size)
+        src = torch.arange(n)
+        dst = (src + 1) % n
+        edge_index = torch.stack([torch.cat([src, dst]), torch.cat([dst, src])])
+        g = torch.Generator().manual_seed(0)
+        context_raw = torch.rand(n, self.context_dim, generator=g)
+        return Data(x=torch.randn(n, self.num_node_features, generator=g), edge_index=edge_index,
+                    edge_weight=torch.ones(edge_index.shape[1]), context=torch.randn(n, self.context_dim, generator=g),
+                    context_raw=context_raw, y_train=torch.tensor([0] + [-1] * (n - 1)),
+                    train_mask=torch.tensor([True] + [False] * (n - 1))).to(self.device)
+
+    def validate_graph(self, g: GraphInput) -> None:
+        """One clear error naming the problem with a graph input."""
+        name = self.model_name
+        if not isinstance(g.x, Tensor) or g.x.ndim != 2:
+            raise ValueError(f"{name}: expected node features x of shape (N,F), got "
+                             f"{tuple(g.x.shape) if isinstance(g.x, Tensor) else type(g.x).__name__}")
+        if g.x.shape[1] != self.num_node_features:
+            raise ValueError(f"{name}: expected {self.num_node_features} node features, got {g.x.shape[1]}")
+        if not torch.isfinite(g.x).all():
+            raise ValueError(f"{name}: node features contain NaN or infinite values")
+        ei = g.edge_index
+        if not isinstance(ei, Tensor) or ei.ndim != 2 or ei.shape[0] != 2 or ei.dtype != torch.long:
+            raise ValueError(f"{name}: edge_index must be a (2,E) long tensor")
+        if ei.numel() and (int(ei.min()) < 0 or int(ei.max()) >= g.num_nodes):
+            raise ValueError(f"{name}: edge_index refers to node {int(ei.max())} but the graph has "
+                             f"{g.num_nodes} nodes")
+        if g.edge_weight is not None and g.edge_weight.shape != (ei.shape[1],):
+            raise ValueError(f"{name}: edge_weight must have shape ({ei.shape[1]},), got {tuple(g.edge_weight.shape)}")
+        if self.uses_context:
+            if g.context is None:
+                raise ValueError(f"{name}: needs a context vector per node (data.context of shape (N,"
+                                 f"{self.context_dim})); build the graph with zoo.data.GraphDataModule")
+            if g.context.shape != (g.num_nodes, self.context_dim):
+                raise ValueError(f"{name}: expected context of shape ({g.num_nodes},{self.context_dim}), "
+                                 f"got {tuple(g.context.shape)}")
+            if not torch.isfinite(g.context).all():
+                raise ValueError(f"{name}: context contains NaN or infinite values")
+
+    def validate_input(self, x) -> None:  # the base's image check does not apply
+        self.validate_graph(x if isinstance(x, GraphInput) else GraphInput(x))
+
+    # ------------------------------------------------------------------ computation
+    def encode(self, g: GraphInput, context: Tensor | None = None) -> dict[str, Tensor]:
+        """logits (N,K) and the last hidden layer h (N,hidden)."""
+        h = g.x
+        for conv in self.convs:
+            h = F.dropout(h, self.dropout, self.training)
+            h = F.elu(self._apply_conv(conv, h, g))
+        return {"logits": self.classifier(F.dropout(h, self.dropout, self.training)), "h": h}
+
+    def forward(self, x, edge_index: Tensor | None = None, edge_weight: Tensor | None = None,
+                context: Tensor | None = None, **_: Any) -> Tensor:  # -> (N,K)
+        g = GraphInput(x, edge_index, edge_weight, context)
+        self.validate_graph(g)
+        return self.encode(g)["logits"]
+
+    def compute_logits(self, x) -> Tensor:
+        return self(x)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Full-batch step: the whole graph, loss on the split's mask only."""
+        g = GraphInput(batch["graph"])
+        self.validate_graph(g)
+        out = self.encode(g)
+        logits = out["logits"][batch["mask"]]  # (M,K)
+        return self.task_loss(logits, batch["label"]), logits, {}
+
+    # ------------------------------------------------------------------ explanation
+    def explain(self, x, target: Tensor | int | None = None, nodes: Tensor | None = None) -> Explanation:
+        """Post-hoc gradient × input on the node features (the plain GNN has no own explanation)."""
+        g = GraphInput(x)
+        self.validate_graph(g)
+        nodes = _nodes(nodes, g.num_nodes, g.x.device)
+        with torch.no_grad():
+            logits = self.encode(g)["logits"][nodes]
+        target = self.resolve_target(logits, target)
+        feats = g.x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.encode(GraphInput(feats, g.edge_index, g.edge_weight, g.context))["logits"]
+            (grad,) = torch.autograd.grad(out[nodes].gather(1, target[:, None]).sum(), feats)
+        return Explanation(logits=logits, target=target, kind="post-hoc",
+                           extras={"nodes": nodes, "method": "gradient×input on node features",
+                                   "feature_attribution": (grad * feats).detach()[nodes]})
+
+
+def _nodes(nodes, n: int, device) -> Tensor:
+    if nodes is None:
+        return torch.arange(n, device=device)
+    nodes = torch.as_tensor(nodes, device=device, dtype=torch.long).reshape(-1)
+    if nodes.numel() and (int(nodes.min()) < 0 or int(nodes.max()) >= n):
+        raise ValueError(f"node index out of range 0..{n - 1}")
+    return nodes
+
+
+@register_model("xnode")
+class XNode(GNN):
+    """X-Node over a GCN / GAT / GIN backbone (see the module docstring)."""
+
+    explanation_kind = "node-context"
+    uses_context = True
+
+    def __init__(self, backbone: str = "gcn", num_node_features: int = 128, context_dim: int = 6,
+                 hidden: int = 64, layers: int = 2, heads: int = 4, dropout: float = 0.5,
+                 reasoner_hidden: int = 64, explanation_dim: int = 32, recon_weight: float = 1.0,
+                 context_names: Sequence[str] | None = None, **base) -> None:
+        self._e_dim = explanation_dim  # needed by _injected_dim while the convs are built
+        super().__init__(backbone, num_node_features, context_dim, hidden, layers, heads, dropout, **base)
+        names = list(context_names) if context_names is not None else list(DEFAULT_CONTEXT[:context_dim])
+        if len(names) != context_dim:
+            raise ValueError(f"context_names has {len(names)} names for context_dim={context_dim}")
+        self.context_names = names
+        # Paper sizes: Reasoner 6→64→32.
+        self.reasoner = nn.Sequential(nn.Linear(context_dim, reasoner_hidden), nn.ReLU(),
+                                      nn.Linear(reasoner_hidden, explanation_dim))
+        self.decoder = nn.Sequential(nn.Linear(explanation_dim, reasoner_hidden), nn.ReLU(),
+                                     nn.Linear(reasoner_hidden, hidden))
+
+    def _injected_dim(self) -> int:
+        return self._e_dim
+
+    def encode(self, g: GraphInput, context: Tensor | None = None) -> dict[str, Tensor]:
+        """logits (N,K), last hidden h (N,hidden), explanation vector e (N,E), reconstruction ĥ (N,hidden)."""
+        e = self.reasoner(g.context if context is None else context)  # (N,E)
+        h = g.x
+        for conv in self.convs:
+            h = F.dropout(h, self.dropout, self.training)
+            h = F.elu(self._apply_conv(conv, torch.cat([h, e], dim=1), g))  # e rides along every message
+        return {"logits": self.classifier(F.dropout(h, self.dropout, self.training)), "h": h, "e": e,
+                "recon": self.decoder(e)}
+
+    def loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        g = GraphInput(batch["graph"])
+        self.validate_graph(g)
+        out = self.encode(g)
+        mask = batch["mask"]
+        logits = out["logits"][mask]
+        # Faithfulness: the explanation vector must rebuild the node's own latent (stop-gradient
+        # target, so the GNN cannot shrink h to make this easy).
+        recon = F.mse_loss(out["recon"][mask], out["h"][mask].detach())
+        return self.task_loss(logits, batch["label"]) + self.hparams.recon_weight * recon, logits, {"recon_mse": recon}
+
+    # ------------------------------------------------------------------ explanation
+    @torch.no_grad()
+    def context_ablation(self, g: GraphInput, nodes: Tensor, target: Tensor) -> Tensor:
+        """(B,C) change of p(target) when cue j is set to its training mean (0) for every node."""
+        base = self.encode(g)["logits"].softmax(1)[nodes].gather(1, target[:, None])
+        deltas = []
+        for j in range(self.context_dim):
+            ctx = g.context.clone()
+            ctx[:, j] = 0.0
+            p = self.encode(g, ctx)["logits"].softmax(1)[nodes].gather(1, target[:, None])
+            deltas.append(p - base)
+        return torch.cat(deltas, dim=1)
+
+    @torch.no_grad()
+    def node_r2(self, g: GraphInput, nodes: Tensor, out: dict[str, Tensor] | None = None) -> Tensor:
+        """(B,) per-node R² of the decoder: 1 − ‖ĥ−h‖² / ‖h − mean_train(h)‖²."""
+        out = out or self.encode(g)
+        train = g.extra.get("train_mask")
+        ref = out["h"][train].mean(0) if train is not None and bool(train.any()) else out["h"].mean(0)
+        h, rec = out["h"][nodes], out["recon"][nodes]
+        return 1 - ((rec - h) ** 2).sum(1) / ((h - ref) ** 2).sum(1).clamp_min(1e-12)
+
+    def explain(self, x, target: Tensor | int | None = None, nodes: Tensor | None = None) -> Explanation:
+        g = GraphInput(x)
+        self.validate_graph(g)
+        nodes = _nodes(nodes, g.num_nodes, g.x.device)
+        with torch.no_grad():
+            out = self.encode(g)
+        logits = out["logits"][nodes]  # (B,K)
+        target = self.resolve_target(logits, target)
+        probs = logits.softmax(1)
+        ablation = self.context_ablation(g, nodes, target)  # (B,C)
+        r2 = self.node_r2(g, nodes, out)
+        names = g.extra.get("class_names") or [f"class {k}" for k in range(self.num_classes)]
+        y_train = g.extra.get("y_train")
+        if y_train is None:
+            y_train = torch.full((g.num_nodes,), -1, dtype=torch.long, device=g.x.device)
+        src, dst = g.edge_index
+        # Incoming edges of each explained node (= its neighbours: graphs are symmetric), via a CSR
+        # order on the target node, so explaining every node stays O(E) rather than O(N·E).
+        order = torch.argsort(dst, stable=True)
+        ptr = torch.zeros(g.num_nodes + 1, dtype=torch.long, device=dst.device)
+        ptr[1:] = torch.bincount(dst, minlength=g.num_nodes).cumsum(0)
+        in_edges = [order[ptr[i]:ptr[i + 1]] for i in nodes.tolist()]
+        neighbours = [src[e] for e in in_edges]
+        # Edge mask: edges from training neighbours labelled with the explained class (float32 for PyG).
+        edge_mask = torch.zeros(src.shape[0], dtype=torch.float32, device=g.x.device)
+        for e, t in zip(in_edges, target.tolist()):
+            edge_mask[e] = (y_train[src[e]] == t).float()
+        raw = g.extra.get("context_raw")
+        texts = [_describe(self, neighbours[b], int(t), probs[b], ablation[b], float(r2[b]), names, y_train,
+                           None if raw is None else raw[int(i)], g.num_nodes)
+                 for b, (i, t) in enumerate(zip(nodes.tolist(), target.tolist()))]
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+        extras = {"nodes": nodes, "context_names": self.context_names, "explanation_vector": out["e"][nodes],
+                  "reconstruction_r2": r2, "context_ablation": ablation, "edge_mask": edge_mask,
+                  "neighbours": neighbours, "neighbour_train_labels": [y_train[nb] for nb in neighbours],
+                  "class_names": list(names)}
+        if raw is not None:
+            extras["context_raw"] = raw[nodes]
+        images = g.extra.get("images")
+        if images is not None:
+            extras["images"] = images[nodes]
+            extras["neighbour_images"] = [images[nb] for nb in neighbours]
+        return Explanation(logits=logits, target=target, kind="node-context", node_context=g.context[nodes],
+                           node_text=texts, uncertainty={"entropy": entropy}, extras=extras)
+
+
+    def report_rows(self, datamodule, max_nodes: int = 256) -> dict[str, dict[str, float]]:
+        """Test-split rows for train()'s table: decoder R² vs a shuffled-context control decoder,
+        PyG fidelity of the own explanation, context-ablation fidelity per cue."""
+        from zoo.metrics import graphs as GM
+
+        datamodule.setup("test")
+        data = datamodule.graph.to(self.device)
+        train, test = data.train_mask, data.test_mask
+        control = GM.control_decoder_r2(self, data, train, test)
+        row = {"decoder_r2": GM.decoder_r2(self, data, test), "control_r2_shuffled": control["shuffled"],
+               "probe_r2_real": control["real"]}
+        row.update(GM.pyg_fidelity(self, data, test.nonzero().squeeze(1)[:max_nodes]))
+        for cue, values in GM.context_ablation_fidelity(self, data, test).items():
+            row[f"ablate_{cue}_dp"] = values["mean_abs_dp"]
+        return {f"{self.model_name} ({self.explanation_kind})": row}
+
+
+# ---------------------------------------------------------------------- offline text and its checker
+# Each template states numbers; CHECKS below recompute every one of them from the model and graph.
+T_PROB = "The model gives {cls} probability {p:.2f}; its prediction is {pred}."
+T_NEIGH = "{a} of its {m} training-labelled neighbours are labelled {cls} (it has {d} neighbours)."
+T_NONE = "None of its {d} neighbours has a training label."
+T_CUE = "Its prediction rests mostly on {cue}: removing that cue changes the probability of {cls} by {delta:+.2f}."
+T_CUE_SMALL = "No single context cue decides it: removing any one changes the probability of {cls} by at most {delta:.3f}."
+T_GRAPH = ("Graph position: degree {d}, weighted degree {wd:.2f}, clustering coefficient {cc:.2f}, "
+           "PageRank {pr:.2f} times the average node.")
+T_SAL = "The saliency of its own embedding is {s:.2f}."
+T_R2 = "The decoder rebuilds its latent embedding from the explanation vector with R² {r2:.2f}."
+
+
+def _describe(model: XNode, nb: Tensor, t: int, probs: Tensor, ablation: Tensor, r2: float,
+              names: list[str], y_train: Tensor, raw: Tensor | None, num_nodes: int) -> str:
+    """The text of one node explaining class `t`; `nb` its neighbours, `raw` its raw context."""
+    labels = y_train[nb]
+    m, a = int((labels >= 0).sum()), int((labels == t).sum())
+    j = int(ablation.abs().argmax())
+    parts = [T_PROB.format(cls=names[t], p=float(probs[t]), pred=names[int(probs.argmax())]),
+             T_NEIGH.format(a=a, m=m, cls=names[t], d=len(nb)) if m else T_NONE.format(d=len(nb)),
+             T_CUE.format(cue=model.context_names[j], cls=names[t], delta=float(ablation[j]))
+             if abs(float(ablation[j])) >= 0.005 else T_CUE_SMALL.format(cls=names[t], delta=abs(float(ablation[j])))]
+    if raw is not None and set(DEFAULT_CONTEXT) <= set(model.context_names):
+        col = {n: float(raw[model.context_names.index(n)]) for n in DEFAULT_CONTEXT}
+        parts.append(T_GRAPH.format(d=int(round(col["degree"])), wd=col["weighted_degree"], cc=col["clustering"],
+                                    pr=col["pagerank"] * num_nodes))
+        parts.append(T_SAL.format(s=col["saliency"]))
+    parts.append(T_R2.format(r2=r2))
+    return " ".join(parts)
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A regex with one named group per {field} of `template` (numbers and names)."""
+    out, pos = "", 0
+    for m in re.finditer(r"\{(\w+)(:[^}]*)?\}", template):
+        out += re.escape(template[pos:m.start()])
+        out += f"(?P<{m.group(1)}>[-+]?[0-9.eE]+|.+?)"
+        pos = m.end()
+    return re.compile(out + re.escape(template[pos:]))
+
+
+def _close(stated: str, value: float) -> bool:
+    decimals = len(stated.split(".")[1]) if "." in stated else 0
+    return abs(float(stated) - value) <= 0.5 * 10 ** -decimals + 1e-6
+
+
+def check_text(model: XNode, data, node: int, text: str, target: int | None = None) -> list[tuple[str, bool, str]]:
+    """Recompute every number stated in `text` (the explanation of `node`) from the model and graph.
+
+    Returns one (sentence, ok, detail) per sentence; a sentence matching no template fails
+    ("unverifiable"). Counts, degree, weighted degree and clustering are recomputed from the edge
+    list with plain Python sets (independently of the graph builder); probabilities, ablations and R²
+    by running the model again; PageRank and saliency against the context the model consumed.
+    """
+    model.eval()
+    g = GraphInput(data)
+    names = g.extra.get("class_names") or [f"class {k}" for k in range(model.num_classes)]
+    with torch.no_grad():
+        out = model.encode(g)
+    probs = out["logits"].softmax(1)[node]
+    src, dst = g.edge_index.tolist()
+    adj: dict[int, set[int]] = {}
+    weight_in = 0.0
+    ew = g.edge_weight.tolist() if g.edge_weight is not None else [1.0] * len(src)
+    for s, d, w in zip(src, dst, ew):
+        adj.setdefault(d, set()).add(s)
+        if d == node:
+            weight_in += w
+    nb = sorted(adj.get(node, set()))
+    y_train = g.extra.get("y_train")
+    y_train = y_train.tolist() if y_train is not None else [-1] * g.num_nodes
+    raw = g.extra.get("context_raw")
+    results = []
+    sentences = _split_sentences(text)
+
+    def cls_index(name: str) -> int:
+        if name not in names:
+            raise KeyError(name)
+        return names.index(name)
+
+    for sentence in sentences:
+        ok, detail = False, "unverifiable: matches no template"
+        try:
+            if (m := _pattern(T_PROB).fullmatch(sentence)):
+                k, pred = cls_index(m["cls"]), cls_index(m["pred"])
+                ok = _close(m["p"], float(probs[k])) and pred == int(probs.argmax())
+                detail = f"p={float(probs[k]):.4f}, argmax={names[int(probs.argmax())]}"
+            elif (m := _pattern(T_NEIGH).fullmatch(sentence)):
+                k = cls_index(m["cls"])
+                labelled = [y_train[j] for j in nb if y_train[j] >= 0]
+                truth = (sum(1 for y in labelled if y == k), len(labelled), len(nb))
+                ok = (int(m["a"]), int(m["m"]), int(m["d"])) == truth
+                detail = f"agree={truth[0]}, labelled={truth[1]}, neighbours={truth[2]}"
+            elif (m := _pattern(T_NONE).fullmatch(sentence)):
+                labelled = [j for j in nb if y_train[j] >= 0]
+                ok = not labelled and int(m["d"]) == len(nb)
+                detail = f"labelled={len(labelled)}, neighbours={len(nb)}"
+            elif (m := (_pattern(T_CUE).fullmatch(sentence) or _pattern(T_CUE_SMALL).fullmatch(sentence))):
+                k = cls_index(m["cls"])
+                deltas = []
+                for j in range(model.context_dim):
+                    ctx = g.context.clone()
+                    ctx[:, j] = 0.0
+                    with torch.no_grad():
+                        p = model.encode(g, ctx)["logits"].softmax(1)[node, k]
+                    deltas.append(float(p - probs[k]))
+                top = max(range(len(deltas)), key=lambda j: abs(deltas[j]))
+                if "cue" in m.groupdict():
+                    ok = m["cue"] == model.context_names[top] and _close(m["delta"], deltas[top])
+                else:
+                    ok = _close(m["delta"], abs(deltas[top])) and abs(deltas[top]) < 0.005
+                detail = f"largest change: {model.context_names[top]} {deltas[top]:+.4f}"
+            elif (m := _pattern(T_GRAPH).fullmatch(sentence)):
+                pairs = sum(1 for a in nb for b in nb if a < b and b in adj.get(a, set()))
+                deg = len(nb)
+                cc = pairs / (deg * (deg - 1) / 2) if deg > 1 else 0.0
+                pr = float(raw[node, model.context_names.index("pagerank")]) * g.num_nodes
+                ok = (int(m["d"]) == deg and _close(m["wd"], weight_in) and _close(m["cc"], cc)
+                      and _close(m["pr"], pr))
+                detail = f"degree={deg}, weighted={weight_in:.4f}, clustering={cc:.4f}, pagerank×N={pr:.4f}"
+            elif (m := _pattern(T_SAL).fullmatch(sentence)):
+                s = float(raw[node, model.context_names.index("saliency")])
+                ok, detail = _close(m["s"], s), f"saliency={s:.4f}"
+            elif (m := _pattern(T_R2).fullmatch(sentence)):
+                r2 = float(model.node_r2(g, torch.tensor([node], device=g.x.device), out)[0])
+                ok, detail = _close(m["r2"], r2), f"R²={r2:.4f}"
+        except (KeyError, ValueError) as err:
+            ok, detail = False, f"unverifiable: {err}"
+        results.append((sentence, bool(ok), detail))
+    return results
+
+
+def _split_sentences(text: str) -> list[str]:
+    """Sentences end with '.' or ';'-free full stops followed by a space and a capital letter / end."""
+    parts = re.split(r"(?<=\.)\s+(?=[A-Z0-9])", text.strip())
+    return [p for p in parts if p]

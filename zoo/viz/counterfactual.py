@@ -1,0 +1,54 @@
+"""Figure of a counterfactual explanation (GdVAE): one strip per image and a row of class prototypes.
+
+Strip: input | reconstruction | counterfactuals x_δ ordered from the explained class toward the
+counterfactual class (δ = pairwise probability of the counterfactual class, so p(explained) = 1 − δ
+goes .95 → .05) | the change map |x_0.5 − x̂| (the explanation's attribution).
+Last row: the decoded class prototypes Dec(μ_k, e_k).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from zoo.viz import register_plotter, show_heatmap, show_image
+
+
+@register_plotter("counterfactual")
+def counterfactual_strips(expl, max_items: int = 8, class_names: list[str] | None = None, masks=None, **_: Any):
+    if expl.counterfactuals is None or expl.inputs is None:
+        raise ValueError("a counterfactual figure needs expl.counterfactuals and expl.inputs")
+    n = min(max_items, len(expl))
+    probs = expl.extras.get("cf_probs")
+    order = probs.argsort().tolist() if probs is not None else list(range(expl.counterfactuals.shape[1]))
+    recon = expl.extras.get("reconstruction")
+    prototypes = expl.extras.get("prototypes")
+    T = len(order)
+    cols = 2 + T + (1 if expl.attribution is not None else 0)
+    rows = n + (1 if prototypes is not None else 0)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.35 * rows), squeeze=False)
+    name = (lambda k: class_names[k] if class_names else str(k))
+    soft = expl.logits.softmax(1)
+    for i in range(n):
+        c, k = int(expl.target[i]), int(expl.counterfactual_targets[i])
+        show_image(axes[i, 0], expl.inputs[i], f"{name(c)} p={soft[i, c]:.2f}")
+        if masks is not None:
+            axes[i, 0].contour(masks[i].squeeze().cpu().numpy(), levels=[0.5], colors="lime", linewidths=0.6)
+        if recon is not None:
+            show_image(axes[i, 1], recon[i], "reconstruction")
+        else:
+            axes[i, 1].set_axis_off()
+        for j, t in enumerate(order):
+            label = f"p({name(k)})={float(probs[t]):.2f}" if probs is not None else f"→ {name(k)}"
+            show_image(axes[i, 2 + j], expl.counterfactuals[i, t], label)
+        if expl.attribution is not None:
+            show_heatmap(axes[i, -1], None, expl.attribution[i], "|x_0.5 − x̂|")
+    if prototypes is not None:
+        for j in range(cols):
+            axes[n, j].set_axis_off()
+        for k in range(min(prototypes.shape[0], cols)):
+            show_image(axes[n, k], prototypes[k], f"prototype {name(k)}")
+    fig.suptitle(f"counterfactuals ({expl.extras.get('method', 'closed form')} latent move)", fontsize=9)
+    fig.tight_layout()
+    return fig
