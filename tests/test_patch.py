@@ -101,10 +101,22 @@ def test_patchnet_patch_logits_decompose_the_logits(size, patch):
     # The "scaled" map is the raw map times the global probability of the target.
     prob = expl.logits.softmax(1).gather(1, expl.target[:, None])[:, 0]
     torch.testing.assert_close(expl.extras["scaled_map"], expl.extras["raw_map"] * prob.view(-1, 1, 1, 1))
-    if size % patch == 0:  # no padding: the attribution is the plain nearest-upsampled patch map
-        t = expl.target
-        up = F.interpolate(expl.patch_logits[torch.arange(3), t][:, None], scale_factor=patch, mode="nearest")
-        torch.testing.assert_close(expl.attribution, up)
+    # Default (patch_cnn): the attribution is the refined map, and every patch's pixels add up to
+    # P² × its logit exactly, in the raw and the refined map alike (cells ∩ image, re-weighted).
+    torch.testing.assert_close(expl.attribution, expl.extras["refined_map"])
+    t = expl.target
+    grid = expl.patch_logits[torch.arange(3), t][:, None]  # (3,1,h,h)
+    for key in ("raw_map", "refined_map"):
+        torch.testing.assert_close(expl.extras[key].mean(dim=(1, 2, 3)), _target_logit(expl), rtol=1e-5, atol=1e-5)
+        if size % patch == 0:
+            torch.testing.assert_close(F.avg_pool2d(expl.extras[key], patch), grid, rtol=1e-5, atol=1e-5)
+    if size % patch == 0:  # no padding: the raw map is the plain nearest-upsampled patch map
+        up = F.interpolate(grid, scale_factor=patch, mode="nearest")
+        torch.testing.assert_close(expl.extras["raw_map"], up)
+        # refined - raw is the dense map minus its mean over each patch
+        d = expl.extras["dense_map"]
+        centred = d - F.interpolate(F.avg_pool2d(d, patch), scale_factor=patch, mode="nearest")
+        torch.testing.assert_close(expl.extras["refined_map"] - up, centred, rtol=1e-5, atol=1e-5)
 
 
 def test_patchnet_patches_are_independent():
@@ -151,17 +163,19 @@ def test_patchnet_dense_attribution_and_figure(tmp_path):
     torch.testing.assert_close(expl.attribution, expl.extras["dense_map"])
     raw = model.explain(x, attribution_map="raw")
     torch.testing.assert_close(raw.attribution, raw.extras["raw_map"])
-    assert set(model.explanation_variants) == {"raw"}
+    assert set(model.explanation_variants) == {"raw", "refined"}
+    assert set(_model("patchnet").explanation_variants) == {"raw", "dense"}  # auto = refined
     fig = expl.plot(tmp_path / "patch.png", masks=torch.zeros(2, 1, 32, 32))
     assert (tmp_path / "patch.png").stat().st_size > 0
-    assert len(fig.axes) == 4 * 2  # rows: input, raw, scaled, dense; one column per image
+    assert len(fig.axes) == 5 * 2  # rows: input, raw, scaled, refined, dense; one column per image
 
 
 def test_patchnet_timm_backbone():
     model = _model("patchnet", backbone="resnet18", patch_size=16)
     x = _images(2)
     expl = model.explain(x)
-    assert expl.patch_logits.shape == (2, 3, 2, 2) and "dense_map" not in expl.extras
+    assert expl.patch_logits.shape == (2, 3, 2, 2) and "dense_map" not in expl.extras  # auto = raw here
+    torch.testing.assert_close(expl.attribution, expl.extras["raw_map"])
     torch.testing.assert_close(expl.contributions.sum(-1), model(x), rtol=1e-4, atol=1e-5)
 
 
@@ -178,7 +192,7 @@ def test_patchnet_multilabel_uses_bce_on_mean_patch_logits():
 
 @pytest.mark.parametrize(("kw", "message"), [
     (dict(patch_size=40), r"patch_size must be in 2..image_size \(32\), got 40"),
-    (dict(attribution_map="heat"), "attribution_map must be 'raw' or 'dense', got 'heat'"),
+    (dict(attribution_map="heat"), "attribution_map must be one of auto, raw, refined, dense, got 'heat'"),
     (dict(dense_padding="zeros"), "dense_padding must be replicate, reflect, constant or none, got 'zeros'"),
     (dict(dense_stride=9), r"dense_stride must be in 1..patch_size \(8\), got 9"),
 ])

@@ -18,6 +18,7 @@ from zoo.models.prototypes.parts import (
     l2_distances,
     similarity_from_distance,
     spread_over_cells,
+    spread_within_cells,
 )
 from zoo.models.prototypes.push import cell_box, find_duplicates, percentile_box, push_prototypes
 
@@ -111,15 +112,42 @@ def test_exact_attribution_sits_where_each_prototype_is_attained():
     x = images(1)
     with torch.no_grad():
         parts = m._parts(m.features(x))
-    expl = m.explain(x, target=0)
     where = parts["where"][0]  # (P,) flat 8×8 locations
     contrib = m.last_layer.weight[0] * parts["g"][0]  # (P,)
     cells = torch.zeros(64).index_add_(0, where, contrib).view(8, 8)
-    # each 4×4 input cell carries its feature cell's value spread evenly
-    pooled = expl.attribution[0, 0].view(8, 4, 8, 4).sum((1, 3))
-    torch.testing.assert_close(pooled, cells, rtol=1e-5, atol=1e-6)
-    blocks = expl.attribution[0, 0].view(8, 4, 8, 4).permute(0, 2, 1, 3).reshape(64, 16)
-    assert torch.allclose(blocks, blocks[:, :1].expand(-1, 16))
+    for spread in ("similarity", "even"):
+        # each 4×4 input cell carries exactly its feature cell's value
+        attribution = m.explain(x, target=0, spread=spread).attribution
+        pooled = attribution[0, 0].view(8, 4, 8, 4).sum((1, 3))
+        torch.testing.assert_close(pooled, cells, rtol=1e-5, atol=1e-6)
+    blocks = attribution[0, 0].view(8, 4, 8, 4).permute(0, 2, 1, 3).reshape(64, 16)
+    assert torch.allclose(blocks, blocks[:, :1].expand(-1, 16))  # "even": constant on each cell
+    with pytest.raises(ValueError, match="unknown spread 'gauss'"):
+        m.explain(x, spread="gauss")
+
+
+@pytest.mark.parametrize("h,H", [(8, 32), (7, 28), (3, 32), (8, 30), (1, 32)])
+def test_spread_within_cells_follows_the_upsampled_similarity_inside_the_cell(h, H):
+    g = torch.Generator().manual_seed(h * H)
+    B, P = 2, 3
+    sim = torch.rand(B, P, h, h, generator=g) - 0.2  # some negative values: clipped at 0
+    sim[1, 2] = -1.0  # no positive similarity anywhere: even spread
+    where = torch.randint(0, h * h, (B, P), generator=g)
+    values = torch.randn(B, P, generator=g)
+    out = spread_within_cells(values, where, sim, H, H)
+    # brute force: the full bilinear map, restricted to the cell, clipped, normalised
+    up = F.interpolate(sim, size=(H, H), mode="bilinear", align_corners=False)  # (B,P,H,H)
+    rows = torch.arange(H) * h // H
+    cell_of = (rows[:, None] * h + rows[None, :])  # (H,H) pixel → flat cell
+    expected = torch.zeros(B, H, H)
+    for b in range(B):
+        for j in range(P):
+            inside = (cell_of == where[b, j]).float()
+            wgt = up[b, j].clamp_min(0) * inside
+            wgt = wgt / wgt.sum() if wgt.sum() > 0 else inside / inside.sum()
+            expected[b] += values[b, j] * wgt
+    torch.testing.assert_close(out[:, 0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.sum((1, 2, 3)), values.sum(1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("h,H", [(7, 28), (3, 32), (1, 32), (8, 30)])

@@ -309,3 +309,20 @@ def test_train_entry_point_on_a_medmnist_graph(medmnist_dir, tmp_path):
         pred = model(dm.graph).argmax(1)[dm.graph.test_mask]
     assert float((pred == dm.labels("test")).float().mean()) == pytest.approx(flat["xnode/acc"], abs=1e-6)
     assert "## Graph recipe" in (saved / "card.md").read_text()
+
+
+def test_graph_model_on_image_data_gets_the_knn_image_graph(medmnist_dir, tmp_path):
+    # `python train.py model=xnode_gcn data=pneumoniamnist` must work as typed: the image datamodule
+    # becomes the graph's node source (no training here: only the wiring is checked).
+    from conftest import compose
+
+    from zoo.training import build_datamodule
+
+    cfg = compose(["data=breastmnist", "model=xnode_gcn", f"data.root={medmnist_dir}"], tmp_path / "run")
+    dm = build_datamodule(cfg)
+    assert isinstance(dm, GraphDataModule)
+    assert dm.name == "breastmnist" and dm.num_classes == 2
+    assert dm.recipe["image_kwargs"]["size"] == 28
+    image_dm = build_datamodule(compose(["data=breastmnist", "model=cnn", f"data.root={medmnist_dir}"],
+                                        tmp_path / "run2"))
+    assert not isinstance(image_dm, GraphDataModule)

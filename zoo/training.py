@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from zoo import evaluation, hub
-from zoo.registry import create_model
+from zoo.registry import create_model, model_class
 
 log = logging.getLogger("zoo")
 
@@ -40,7 +40,25 @@ def build(node: DictConfig, **kwargs: Any):
 
 
 def build_datamodule(cfg: DictConfig):
-    return build(cfg.data)
+    """The datamodule of ``cfg.data``; a graph model (``input_kind == "graph"``) given an image dataset
+    gets the kNN image graph over it, so ``model=xnode_gcn data=pneumoniamnist`` works as typed."""
+    datamodule = build(cfg.data)
+    name = (cfg.get("model") or {}).get("name")
+    if name is None or getattr(model_class(name), "input_kind", "image") != "graph":
+        return datamodule
+    from zoo.data import GraphDataModule
+
+    if isinstance(datamodule, GraphDataModule):
+        return datamodule
+    # The image datamodule becomes the graph's node source; recipe defaults match conf/data/graph_*.yaml.
+    graph_defaults = {"encoder_epochs": 8}
+    cache = Path(cfg.paths.log_dir) / "graph_cache" if cfg.get("paths") else None
+    log.info("model %s explains graph nodes: building the kNN image graph over %s", name, datamodule.name)
+    image_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+                    if k not in ("_target_", "flag", "root", "seed", "download", "num_workers")}
+    return GraphDataModule(flag=datamodule.name, images=datamodule, image_kwargs=image_kwargs,
+                           cache_dir=str(cache) if cache else None,
+                           seed=int(cfg.get("seed", 0)), **graph_defaults)
 
 
 def build_model(cfg: DictConfig, datamodule):

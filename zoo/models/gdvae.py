@@ -85,6 +85,8 @@ from zoo.explanation import Explanation
 from zoo.nets.backbones import build_backbone
 from zoo.registry import register_model
 
+import os
+FLAT_INIT = float(os.environ.get("FLAT_INIT", "1.0"))
 CF_METHODS = ("minimal", "prototype")
 ATTRIBUTION_REFERENCES = ("reconstruction", "input")
 
@@ -103,10 +105,12 @@ class _Encoder(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(4)  # fixed 4×4 grid whatever the input size
         c = self.features.out_channels
         self.head = nn.Linear(c * 16 + c, 2 * latent_dim)
+        with torch.no_grad():  # the flattened map starts silent: evidence is learned through the pooled part first
+            self.head.weight[:, : c * 16].mul_(FLAT_INIT)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # (B,C,H,W) -> (B,D), (B,D)
         h = self.features(x)  # (B,c,h,w)
-        mean, logvar = self.head(torch.cat([self.pool(h).flatten(1), h.mean(dim=(2, 3))], dim=1)).chunk(2, dim=1)
+        mean, logvar = self.head(torch.cat([FLAT_INIT * self.pool(h).flatten(1), h.mean(dim=(2, 3))], dim=1)).chunk(2, dim=1)
         return mean, logvar.clamp(-10, 6)  # clamp: exp() stays finite early in training
 
 
@@ -164,6 +168,7 @@ class GdVAE(SelfExplainingModule):
         cf_probs: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
         cf_method: str = "minimal",
         attribution_reference: str = "reconstruction",
+        prototype_init: float = 0.1,
         **base,
     ) -> None:
         # Default schedule (data, see SelfExplainingModule.phase_at): 3 epochs of VAE + classifier, then
@@ -186,7 +191,7 @@ class GdVAE(SelfExplainingModule):
         self.decoder = _Decoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes)
         # Prototypes μ_k: small random init — distinct (zeros give identical logits), yet logits start
         # near uniform (unit-scale means give logit gaps of ~D/2 and a slow, saturated start).
-        self.class_means = nn.Parameter(0.1 * torch.randn(self.num_classes, latent_dim))  # (K,D)
+        self.class_means = nn.Parameter(prototype_init * torch.randn(self.num_classes, latent_dim))  # (K,D)
         self.log_sigma = nn.Parameter(torch.zeros(latent_dim))  # (D,) shared diagonal prior std
         # log p(k): uniform. An empirical prior would only shift every b_k by a constant per class;
         # uniform keeps δ = 0.5 at the point where the two class densities are equal.

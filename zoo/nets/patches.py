@@ -85,6 +85,19 @@ def place_map(values: Tensor, centres_y: Sequence[float], centres_x: Sequence[fl
     return scaled[:, :, oy][:, :, :, ox]  # (B,K,H,W)
 
 
+def cell_mean(values: Tensor, centres_y: Sequence[float], centres_x: Sequence[float]) -> Tensor:
+    """(B,K,H,W) → (B,K,H,W): every pixel replaced by the mean of `values` over its cell, the cells
+    being those of :func:`place_map` (pixels sharing the nearest centre)."""
+    B, K, H, W = values.shape
+    h, w = len(centres_y), len(centres_x)
+    oy = nearest_owner(centres_y, H).to(values.device)  # (H,)
+    ox = nearest_owner(centres_x, W).to(values.device)  # (W,)
+    cell = (oy[:, None] * w + ox[None, :]).flatten()  # (H·W,) cell index of every pixel
+    sums = values.new_zeros(B, K, h * w).index_add_(2, cell, values.flatten(2))  # (B,K,h·w)
+    counts = torch.bincount(cell, minlength=h * w).to(values.dtype).clamp(min=1)
+    return (sums / counts)[:, :, cell].view(B, K, H, W)
+
+
 # ---------------------------------------------------------------------- valid-conv networks
 class ValidConvNet(nn.Module):
     """A stack of unpadded convs (BN, ReLU) and 2×2 max-pools with an exactly known receptive field.

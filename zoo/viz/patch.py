@@ -2,9 +2,10 @@
 
 Rows: the input (ground-truth mask outlined when given), the raw logit map (patch logits for
 MedicalPatchNet, per-location logits for BagNet), the scaled map (× global probability) and, when
-the explanation carries one, the dense map. Red = evidence for the explained class, blue = against.
+the explanation carries them, the refined map (MedicalPatchNet: patch totals of the raw map, detail
+from the dense map) and the dense map. Red = evidence for the explained class, blue = against.
 Raw and scaled maps share one symmetric colour scale per image (the scaled map fades with the
-global probability); the dense map has its own.
+global probability); the refined and dense maps have their own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import matplotlib.pyplot as plt
 
 from zoo.viz import register_plotter, show_image, show_signed_map
 
-_ROWS = (("raw_map", "raw"), ("scaled_map", "scaled (× p)"), ("dense_map", "dense"))
+_ROWS = (("raw_map", "raw"), ("scaled_map", "scaled (× p)"), ("refined_map", "refined"), ("dense_map", "dense"))
 
 
 @register_plotter("patch")

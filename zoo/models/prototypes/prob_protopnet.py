@@ -35,7 +35,7 @@ from zoo.explanation import Explanation
 from zoo.nets.backbones import build_backbone
 from zoo.registry import register_model
 
-from .parts import PrototypeNetwork
+from .parts import PrototypeNetwork, check_view
 from .protopnet import DEFAULT_SCHEDULE, add_on_layers
 
 
@@ -127,17 +127,16 @@ class ProbProtoPNet(PrototypeNetwork):
 
     # ------------------------------------------------------------------ explanation
     def explain(self, x: Tensor, target: Tensor | int | None = None, view: str = "exact", top_k: int = 3,
-                maps: bool = True) -> Explanation:
+                maps: bool = True, spread: str = "similarity") -> Explanation:
         self.validate_input(x)
-        if view not in ("exact", "similarity"):
-            raise ValueError(f"unknown view {view!r}; expected 'exact' or 'similarity'")
+        check_view(view, spread)
         with torch.no_grad():
             samples = self._sample_parts(x)
         sample_logits = torch.stack([p["logits"] for p in samples])  # (S,B,K)
         logits = self._log_predictive(sample_logits)
         target = self.resolve_target(logits, target)
         # One exact explanation per sample; the reported maps are their means.
-        attribution = torch.stack([self.attribution_map(p, target, view, tuple(x.shape[-2:]))
+        attribution = torch.stack([self.attribution_map(p, target, view, tuple(x.shape[-2:]), spread)
                                    for p in samples]).mean(0)  # (B,1,H,W)
         g_s = torch.stack([p["g"] for p in samples])  # (S,B,P)
         weight = self.last_layer.weight
@@ -150,7 +149,7 @@ class ProbProtoPNet(PrototypeNetwork):
         uncertainty["top_prototype_disagreement"] = 1 - agreement
         with torch.no_grad():  # maps, top-k and boxes of the mean prototypes μ
             mean_parts = self._parts(self.features(x), self.prototypes)
-        expl = self._explanation(x, target, mean_parts, view, top_k, maps, logits=logits,
+        expl = self._explanation(x, target, mean_parts, view, top_k, maps, logits=logits, spread=spread,
                                  sample_logits=sample_logits, sample_contributions=sample_contrib,
                                  sample_similarities=g_s, sample_top_prototype=top_s, top_prototype_mode=mode,
                                  top_prototype_agreement=agreement,
