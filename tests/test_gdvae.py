@@ -18,7 +18,7 @@ def make(num_classes=5, **kw) -> GdVAE:
     torch.manual_seed(0)
     model = zoo.create_model("gdvae", num_classes=num_classes, in_channels=1, image_size=28, **kw).eval()
     with torch.no_grad():  # a non-trivial prior: unit-scale prototypes, unequal variances
-        model.class_means.copy_(torch.randn_like(model.class_means))
+        model.class_centres.copy_(torch.randn_like(model.class_centres))
         model.log_sigma.copy_(0.3 * torch.randn_like(model.log_sigma))
     return model
 
@@ -60,8 +60,41 @@ def test_counterfactual_latents_hit_the_pairwise_probability(method):
         torch.testing.assert_close(move[:, 3].norm(dim=1), expected, rtol=1e-4, atol=1e-5)
     else:  # on the line toward the target prototype
         direction = model.class_means[target] - z
+        direction[:, model.class_dims:] = 0  # only the class dims move toward μ_k
         cos = torch.nn.functional.cosine_similarity(move[:, 3], direction, dim=1).abs()
         torch.testing.assert_close(cos, torch.ones(6), rtol=0, atol=1e-4)
+
+
+def test_style_dims_carry_no_class_information():
+    """μ_k is shared (0) on the style dims, so the classifier ignores them and a counterfactual moves
+    only the class dims: background and layout codes stay exactly where the encoder put them."""
+    model = make()
+    D, Dc = model.hparams.latent_dim, model.class_dims
+    assert 1 <= Dc < D
+    assert (model.class_means[:, Dc:] == 0).all()
+    weight, _ = model.classifier()
+    assert (weight[:, Dc:] == 0).all()
+    z = torch.randn(5, D)
+    source = model.latent_logits(z).argmax(1)
+    for method in ("minimal", "prototype"):
+        z_cf = model.counterfactual_latents(z, source, (source + 1) % 5, [0.2, 0.9], method)
+        torch.testing.assert_close(z_cf[..., Dc:], z[:, None, Dc:].expand(5, 2, D - Dc))
+        assert not torch.allclose(z_cf[..., :Dc], z[:, None, :Dc].expand(5, 2, Dc))
+    with pytest.raises(ValueError, match="class_dims must be in"):
+        zoo.create_model("gdvae", latent_dim=4, class_dims=5)
+
+
+def test_consistency_term_trains_only_the_decoder():
+    """The re-encoding of sampled counterfactuals must not train the encoder (it would collude with the
+    decoder on a class code instead of real evidence): zero encoder gradient, non-zero decoder gradient."""
+    model = make().train()
+    z = torch.randn(8, model.hparams.latent_dim)
+    y = torch.arange(8) % 5
+    model._consistency(z, y).backward()
+    enc = [p.grad for p in model.encoder.parameters()]
+    assert all(g is None or g.abs().max() == 0 for g in enc)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.decoder.parameters())
+    assert model.encoder.training  # its mode is restored
 
 
 def test_binary_counterfactual_probability_is_the_softmax():
@@ -140,12 +173,12 @@ def _tiny_data(n=128):
 
 def test_learns_tiny_data_with_valid_counterfactuals():
     torch.manual_seed(0)
-    model = zoo.create_model("gdvae", num_classes=2, in_channels=1, image_size=28, widths=[16, 32], latent_dim=4, schedule=[],
+    model = zoo.create_model("gdvae", num_classes=2, in_channels=1, image_size=28, widths=[16, 32], latent_dim=4, class_dims=2, schedule=[],
                              ce_weight=20.0)
     x, y, mask = _tiny_data()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(60):
+    for step in range(150):  # the decoder needs ~100 steps of the consistency term to redraw the blob
         idx = torch.randint(0, x.shape[0], (32,))
         loss, _, logs = model.loss({"image": x[idx], "label": y[idx]})
         opt.zero_grad()

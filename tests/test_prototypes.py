@@ -170,11 +170,15 @@ def test_explain_rejects_unknown_view_and_bad_hparams():
 
 # ---------------------------------------------------------------------------- push
 def test_push_finds_the_nearest_patch_of_the_prototypes_class():
-    # Features = the image itself (D=1 channel, 32×32 grid): distances are explicit.
+    # Features = the image itself (D=1 channel, 32×32 grid): distances are explicit. Values on a
+    # 1/64 grid make ‖z‖² − 2⟨z,p⟩ + ‖p‖² exact in float32 (no round-off deciding near-ties), and
+    # the many exact ties check the tie-break: smallest dataset position, then row-major location.
     data = tiny_dataset(12)
+    for d in data:
+        d["image"] = (d["image"] * 64).round() / 64
     x = torch.stack([d["image"] for d in data])
     y = torch.stack([d["label"] for d in data])
-    protos = torch.tensor([[0.3], [-0.7], [0.95]])  # one per class
+    protos = torch.tensor([[19.3 / 64], [-45 / 64], [61 / 64]])  # one per class; the first matches nothing exactly
     pclass = torch.tensor([0, 1, 2])
     res = push_prototypes(lambda im: im, protos, pclass, data, l2_distances, image_size=32, batch_size=5)
     for j in range(3):

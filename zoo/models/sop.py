@@ -457,7 +457,8 @@ class SumOfParts(SelfExplainingModule):
                      .detach() for i in range(0, batch["image"].shape[0], 64)]
             masks = torch.cat([e.group_masks for e in expls])  # (N,M,H,W)
             contrib = torch.cat([e.contributions[torch.arange(len(e)), e.target] for e in expls])  # (N,M) to target
-            rows[f"{self.model_name} groups"] = G.group_report(masks, contrib, batch["mask"])
+            # "<name> (…)" rows also go into the model card (zoo.training collects them)
+            rows[f"{self.model_name} (groups)"] = G.group_report(masks, contrib, batch["mask"])
         return rows
 
 

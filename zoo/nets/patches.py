@@ -45,6 +45,13 @@ def splat_windows(values: Tensor, patch: int, stride: int, out_hw: tuple[int, in
     ``F.unfold`` lays them out on an H×W canvas). Pixels no window covers get 0.
     """
     B, K, h, w = values.shape
+    if stride == 1 and out_hw == (h + patch - 1, w + patch - 1):
+        # Stride 1: a P×P box sum over the zero-padded window grid (avg_pool2d), instead of folding
+        # P² copies of every value; the count of covering windows is the same box sum of ones.
+        pad = (patch - 1,) * 4
+        total = F.avg_pool2d(F.pad(values, pad), patch, stride=1)
+        count = F.avg_pool2d(F.pad(torch.ones_like(values[:1, :1]), pad), patch, stride=1)
+        return total / count  # the P² factors cancel; every pixel of the canvas has ≥ 1 window
     cols = values.reshape(B, K, 1, h * w).expand(B, K, patch * patch, h * w).reshape(B, K * patch * patch, h * w)
     total = F.fold(cols, out_hw, kernel_size=patch, stride=stride)  # (B,K,H,W) sum of covering windows
     ones = torch.ones(1, patch * patch, h * w, dtype=values.dtype, device=values.device)

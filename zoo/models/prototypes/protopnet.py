@@ -57,6 +57,7 @@ class ProtoPNet(PrototypeNetwork):
         prototypes_per_class: int = 10,  # paper: 10 per class (2000 for CUB's 200 classes)
         similarity: str = "log_l2",  # "log_l2" (paper) or "cosine"
         incorrect_weight: float = -0.5,  # last-layer init for other classes' prototypes (paper)
+        last_layer_scale: float = 1.0,  # init W = scale·(+1 / incorrect_weight); >1 with cosine (g ≤ 1)
         clst_weight: float = 0.8,  # paper's loss weights
         sep_weight: float = 0.08,
         l1_weight: float = 1e-4,
@@ -74,4 +75,4 @@ class ProtoPNet(PrototypeNetwork):
                                        **({"widths": tuple(widths)} if backbone == "zoo_cnn" else {}))
         self.add_on = add_on_layers(self.backbone.out_channels, prototype_dim)
         self._build_head(prototype_dim, prototypes_per_class, similarity, incorrect_weight,
-                         keep_push_images=keep_push_images)
+                         last_layer_scale=last_layer_scale, keep_push_images=keep_push_images)
