@@ -21,10 +21,11 @@ class-evidence map of its predicted class (standardised), picked greedily with c
 ``min_distance`` to a kept one suppressed, so groups spread over the image's objects. Each kept row
 is binarised to its top ``k·N`` cells (``mask_resolution="cells"``, the paper's patch masks) or to
 the top ``k·H·W`` pixels of the row bilinearly upsampled to the input (``"pixels"``, the default:
-masks follow objects more closely at no extra backbone cost; measured on synthetic: hit rate 0.84 →
-0.95 together with k = 0.1, see the model card). Why the class-evidence prior: with only a few CPU
-epochs a learned scorer alone kept groups away from the evidence (1 epoch on 2000 images: 67 %
-accuracy, the best group covered 44 % of the evidence); with the prior, 98 % and 99 %.
+masks follow objects more closely at no extra backbone cost; development runs on synthetic: hit rate
+0.84 → 0.95 together with k = 0.1; the published checkpoints/sop-synthetic, k = 0.1 + pixels: 0.969).
+Why the class-evidence prior: in development runs with only a few CPU epochs a learned scorer alone
+kept groups away from the evidence (1 epoch on 2000 images: 67 % accuracy, the best group covered 44 %
+of the evidence); with the prior, 98 % and 99 %.
 
 Training the generator although top-k is not differentiable (documented choice):
   * the scale ``c_m = σ(score_m) · (attention mass of row m inside its top-k)`` multiplies the

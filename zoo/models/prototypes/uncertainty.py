@@ -8,6 +8,13 @@
   - smooth noise (a bilinearly upsampled 4×4 random grid: blob-like, closer to real images),
   - another dataset at the same geometry: MedMNIST PneumoniaMNIST for synthetic data (when the
     shared files are found, resized), synthetic evidence images for MedMNIST data.
+
+Measured (``python train.py model=prob_protopnet trainer.max_epochs=8``, seed 0; AUROC vs uniform
+noise / smooth noise / PneumoniaMNIST): predictive entropy 0.999 / 0.999 / 0.997, mutual information
+0.87 / 0.86 / 0.87, top-prototype disagreement 0.52 / 0.95 / 0.80, ECE 0.009. Similarity variance
+runs the other way (AUROC 0.001 / 0.0003 / 0.005): in distribution an image sits close to some
+prototype, where log((d+1)/(d+ε)) is steep and the prototype samples spread g widely; far from every
+prototype (OOD) the similarity is flat and its variance small. It is reported as is, not flipped.
 """
 
 from __future__ import annotations
