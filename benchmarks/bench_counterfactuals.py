@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--data", default="synthetic", help="synthetic or a MedMNIST flag")
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--prob", type=float, default=0.9)
+    parser.add_argument("--closed-prob", type=float, default=0.99, help="second closed-form row's target probability")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -45,20 +46,25 @@ def main() -> None:
 
     x = take_images(dm, "test", args.n)["image"]
 
-    def closed():
-        return model.counterfactuals(x, probs=(args.prob,))
+    def closed(prob):
+        return model.counterfactuals(x, probs=(prob,))
 
-    closed()  # warm-up
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        out = closed()
-    closed_s = (time.perf_counter() - start) / args.repeats
-    source, target = out["source"], out["target"]
-    with torch.no_grad():
-        closed_valid = float(CF.validity(model(out["images"][:, 0]), target).mean())
+    closed(args.prob)  # warm-up
     print(f"{args.n} counterfactuals of {args.model} toward the runner-up, pairwise p = {args.prob}")
     print(f"{'method':28} {'validity':>9} {'ms / CF':>9} {'steps':>6} {'ratio':>7}")
-    print(f"{'closed form (minimal move)':28} {closed_valid:9.3f} {1000 * closed_s / args.n:9.3f} {0:6d} {1.0:7.1f}")
+    # The closed form picks its target probability for free (same cost): the second row asks for a more
+    # confident counterfactual, so validity can be compared at equal or better validity.
+    for i, prob in enumerate((args.prob, args.closed_prob)):
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            out = closed(prob)
+        seconds = (time.perf_counter() - start) / args.repeats
+        if i == 0:
+            closed_s, source, target = seconds, out["source"], out["target"]
+        with torch.no_grad():
+            valid = float(CF.validity(model(out["images"][:, 0]), target).mean())
+        print(f"{'closed form (minimal) p=' + format(prob, 'g'):28} {valid:9.3f} {1000 * seconds / args.n:9.3f} "
+              f"{0:6d} {seconds / closed_s:7.1f}")
     for objective in ("latent", "cycle"):
         start = time.perf_counter()
         g = gradient_counterfactuals(model, x, source, target, prob=args.prob, objective=objective, steps=args.steps)

@@ -30,10 +30,11 @@ the last layers, which see 1–4 positions per window. The target holds at the a
 
 Measured 2026-12-01 on the shared 2-core CPU (one thread; ratio in CPU time, wall in brackets), all
 maps equal (corr 1.000000, max |diff| ≤ 5e-5):
-  32 px,  P=8,  16 images (patchnet-synthetic):       4.8x  (4.8x)
-  28 px,  P=14, 16 images (patchnet-pneumoniamnist): 12.1x (12.0x)
-  128 px, P=32, 1 image (untrained):                 35.3x (35.5x)
-  128 px, P=64, 1 image (untrained):                 56.5x (49.8x)
+  32 px,  P=8,  16 images (patchnet-synthetic):       5.3x  (4.1x)
+  28 px,  P=14, 16 images (patchnet-pneumoniamnist): 10.3x  (9.1x)
+  128 px, P=32, 1 image (untrained):                 32.8x (32.8x)
+  128 px, P=64, 1 image (untrained):                 56.4x (56.4x)
+(an earlier run under heavier load: 4.8x, 12.1x, 35.3x, 56.5x CPU; 49.8x wall at P=64).
 Run:
 
     python benchmarks/bench_dense_map.py            # all geometries (P=64 takes a few minutes)

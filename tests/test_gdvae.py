@@ -97,6 +97,24 @@ def test_consistency_term_trains_only_the_decoder():
     assert model.encoder.training  # its mode is restored
 
 
+def test_film_decoder_starts_as_the_plain_decoder():
+    """decoder_film=True adds class-conditioned scale/shift per stage, zero-initialised: at init it is the
+    plain decoder, and once trained the class vector acts at every stage."""
+    torch.manual_seed(0)
+    model = zoo.create_model("gdvae", num_classes=3, in_channels=1, image_size=28, decoder_film=True).eval()
+    z, y = torch.randn(2, model.hparams.latent_dim), torch.eye(3)[:2]
+    with torch.no_grad():
+        film = model.decoder.film
+        with_film = model.decoder(z, y)
+        model.decoder.film = None
+        plain = model.decoder(z, y)
+        model.decoder.film = film
+        torch.testing.assert_close(with_film, plain)
+        for lin in film:
+            lin.weight.normal_(0, 0.5)
+        assert not torch.allclose(model.decoder(z, y), plain)
+
+
 def test_binary_counterfactual_probability_is_the_softmax():
     model = make(num_classes=2)
     z = torch.randn(4, model.hparams.latent_dim)

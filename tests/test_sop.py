@@ -311,3 +311,23 @@ def test_both_attribution_maps_sum_to_the_logit_and_cells_mode_is_cell_aligned()
         model.explain(x, attribution_map="gradcam")
     with pytest.raises(ValueError, match="mask_resolution must be 'cells' or 'pixels'"):
         _sop(mask_resolution="subpixel")
+
+
+# ---------------------------------------------------------------------- the published checkpoint
+def test_published_sop_synthetic_checkpoint_is_accurate_and_exact():
+    from zoo.data import SyntheticDataModule
+
+    if "sop-synthetic" not in zoo.list_pretrained():
+        pytest.skip("checkpoints/sop-synthetic not published")
+    model = zoo.load("sop-synthetic")
+    dm = SyntheticDataModule(n_train=64, n_val=64, n_test=128, batch_size=128, seed=123)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    expl = model.explain(batch["image"])
+    torch.testing.assert_close(expl.contributions.sum(-1) + expl.bias, expl.logits, rtol=1e-5, atol=1e-5)
+    acc = (expl.logits.argmax(1) == batch["label"]).float().mean()
+    assert acc >= 0.95, f"sop-synthetic accuracy {acc:.3f} on fresh synthetic images"
+    # its groups sit on the evidence: the top group of most images overlaps the ground truth
+    top = expl.contributions[torch.arange(128), expl.target].argmax(1)
+    purity = G.group_purity(expl.group_masks, batch["mask"]).gather(1, top[:, None])
+    assert float(torch.nanmean(purity)) > 0.2

@@ -76,8 +76,14 @@ encoder's BatchNorm statistics are recomputed at the final weights after trainin
 
 Deviation in the weights: the reference's 0.1·CE sits next to its own normalisation of the ELBO; with
 ours (sums over pixels and latent dimensions, ~150 nats per 32 px image) a weight of 0.1 left the
-classifier at chance after 4 epochs on the synthetic data (measured), because the reconstruction of
-the background dominates the encoder's gradient. ce_weight = 50 (≈ 0.05 per pixel) trains it.
+classifier at chance after 4 epochs on the synthetic data (measured with the earlier single-head
+encoder, whose flattened-map noise was the larger culprit, see _Encoder). ce_weight = 50 (≈ 0.05 per
+pixel) trains it.
+
+Known gap (synthetic card): accuracy 0.996, but the decoder stays blurry within the CPU budget (8 epochs)
+and redraws the small evidence shape only weakly, so re-encoded counterfactuals toward every other class
+are valid for 0.35 of images at δ = 0.9 and the change is not concentrated on the evidence
+(mass in mask 0.10). A consistency weight of 50 made the decoder collapse (reconstruction 133 → 655 nats).
 """
 
 from __future__ import annotations
@@ -142,7 +148,7 @@ class _Decoder(nn.Module):
     multiple (28 px: 4 → 32 → 28)."""
 
     def __init__(self, out_channels: int, image_size: int, widths: Sequence[int], latent_dim: int,
-                 num_classes: int) -> None:
+                 num_classes: int, film: bool = False) -> None:
         super().__init__()
         widths = list(widths)[::-1]  # deepest first
         self.image_size, self.width0 = image_size, widths[0]
@@ -154,10 +160,27 @@ class _Decoder(nn.Module):
             c = w
         self.body = nn.Sequential(*layers)
         self.out = nn.Conv2d(c, out_channels, 3, padding=1)
+        # Optional FiLM: the class vector also scales/shifts every stage's channels (zero-init: starts as
+        # the plain decoder), so a class change can redraw features at every resolution.
+        self.film = nn.ModuleList(nn.Linear(num_classes, 2 * m.out_channels) for m in layers
+                                  if isinstance(m, nn.Conv2d)) if film else None
+        if self.film is not None:
+            for lin in self.film:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     def forward(self, z: Tensor, y: Tensor) -> Tensor:  # (B,D), (B,K) class vector -> (B,C,H,W)
         h = F.silu(self.fc(torch.cat([z, y], dim=1))).view(-1, self.width0, self.s0, self.s0)
-        h = self.out(self.body(h))
+        if self.film is None:
+            h = self.body(h)
+        else:
+            films = iter(self.film)
+            for layer in self.body:
+                h = layer(h)
+                if isinstance(layer, nn.Conv2d):
+                    gamma, beta = next(films)(y)[:, :, None, None].chunk(2, dim=1)
+                    h = h * (1 + gamma) + beta
+        h = self.out(h)
         if h.shape[-1] != self.image_size:
             h = F.interpolate(h, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return torch.tanh(h)
@@ -192,6 +215,7 @@ class GdVAE(SelfExplainingModule):
         attribution_reference: str = "reconstruction",
         class_dims: int | None = 8,
         prototype_init: float = 1.0,
+        decoder_film: bool = False,
         **base,
     ) -> None:
         # Default schedule (data, see SelfExplainingModule.phase_at): 3 epochs of VAE + classifier, then
@@ -215,7 +239,8 @@ class GdVAE(SelfExplainingModule):
             raise ValueError(f"gdvae: class_dims must be in 1..latent_dim={latent_dim}, got {class_dims}")
         self.class_dims = class_dims
         self.encoder = _Encoder(self.in_channels, self.image_size, widths, latent_dim, class_dims)
-        self.decoder = _Decoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes)
+        self.decoder = _Decoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes,
+                                film=bool(decoder_film))
         # Prototypes μ_k: small random init — distinct (zeros give identical logits), yet logits start
         # near uniform (unit-scale means give logit gaps of ~D/2 and a slow, saturated start).
         # Unit-scale init (the reference's 0.1 made every class code start at the same point, and the latent
