@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--data", default="synthetic", help="synthetic or a MedMNIST flag")
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--prob", type=float, default=0.9)
-    parser.add_argument("--closed-prob", type=float, default=0.99, help="second closed-form row's target probability")
+    parser.add_argument("--closed-prob", type=float, default=0.999, help="second closed-form row's target probability")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -80,10 +80,11 @@ classifier at chance after 4 epochs on the synthetic data (measured with the ear
 encoder, whose flattened-map noise was the larger culprit, see _Encoder). ce_weight = 50 (≈ 0.05 per
 pixel) trains it.
 
-Known gap (synthetic card): accuracy 0.996, but the decoder stays blurry within the CPU budget (8 epochs)
+Known gap (synthetic card): accuracy 0.993, but the decoder stays blurry within the CPU budget (8 epochs)
 and redraws the small evidence shape only weakly, so re-encoded counterfactuals toward every other class
-are valid for 0.35 of images at δ = 0.9 and the change is not concentrated on the evidence
-(mass in mask 0.10). A consistency weight of 50 made the decoder collapse (reconstruction 133 → 655 nats).
+are valid for 0.63 of images at δ = 0.9 (0.35 without ``decoder_film``) and the change is not
+concentrated on the evidence (mass in mask 0.10). A consistency weight of 50 made the decoder collapse
+(reconstruction 133 → 655 nats).
 """
 
 from __future__ import annotations
