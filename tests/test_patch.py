@@ -172,6 +172,17 @@ def test_dense_map_with_a_generic_backbone_unfolds_windows():
         model.dense_map(x, stride=4)
 
 
+def test_patchnet_blank_penalty_is_the_class_spread_of_a_blank_patch():
+    model = _model("patchnet", blank_weight=0.5)  # eval mode: batch-norm uses running statistics
+    x, y = _images(3), torch.tensor([0, 1, 2])
+    loss, logits, logs = model.loss({"image": x, "label": y})
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x))
+        blank = model._window_logits(torch.zeros(1, 1, 8, 8))[0]  # pad_value 0 = mid-grey
+    torch.testing.assert_close(logs["blank_spread"], blank.var(unbiased=False))
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y) + 0.5 * blank.var(unbiased=False))
+
+
 def test_patchnet_dense_attribution_and_figure(tmp_path):
     model = _model("patchnet", attribution_map="dense")
     x = _images(2)
