@@ -282,3 +282,35 @@ def test_explanation_metrics_end_to_end():
     assert 0.0 <= out["deletion_auc"] < out["insertion_auc"] <= 1.0
     out2 = explanation_metrics(model, explain, images, target=0, steps=8, stability=False)
     assert set(out2) == {"deletion_auc", "insertion_auc"}
+
+
+class _ListDataModule:
+    """Minimal datamodule: one test loader over fixed labels (what take_images reads)."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+
+    def setup(self, stage=None) -> None:
+        pass
+
+    def test_dataloader(self):
+        n = len(self.labels)
+        images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+        return [{"image": images[i:i + 4], "label": self.labels[i:i + 4]} for i in range(0, n, 4)]
+
+
+def test_take_images_balanced_takes_equal_classes_in_split_order():
+    """The explanation sample has ⌈n/K⌉ of every class (a deletion curve's all-grey tail then scores 1/K
+    whichever class a model calls grey), topped up in split order where a class runs short."""
+    from zoo.evaluation import take_images
+
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 10)
+    dm = _ListDataModule(labels)
+    first = take_images(dm, "test", 9)
+    assert first["label"].tolist() == [0] * 9  # the plain sample: whatever comes first
+    out = take_images(dm, "test", 9, balanced=True)
+    assert torch.bincount(out["label"]).tolist() == [3, 3, 3]
+    assert out["image"].flatten().tolist() == [0, 1, 2, 10, 11, 12, 13, 14, 15]  # split order kept
+    short = take_images(dm, "test", 12, balanced=True)  # class 1 has 3 < 4: topped up from the rest
+    assert torch.bincount(short["label"]).tolist() == [5, 3, 4]
+    assert short["image"].flatten().tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 16]

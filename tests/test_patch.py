@@ -129,10 +129,17 @@ def test_patchnet_patch_logits_decompose_the_logits(size, patch):
     if size % patch == 0:  # no padding: the raw map is the plain nearest-upsampled patch map
         up = F.interpolate(grid, scale_factor=patch, mode="nearest")
         torch.testing.assert_close(expl.extras["raw_map"], up)
-        # refined - raw is the dense map minus its mean over each patch
+        # refined - raw is α × (the dense map minus its mean over each patch), 0 < α ≤ 1 per image ...
         d = expl.extras["dense_map"]
-        centred = d - F.interpolate(F.avg_pool2d(d, patch), scale_factor=patch, mode="nearest")
-        torch.testing.assert_close(expl.extras["refined_map"] - up, centred, rtol=1e-5, atol=1e-5)
+        centred = (d - F.interpolate(F.avg_pool2d(d, patch), scale_factor=patch, mode="nearest")).flatten(1)
+        delta = (expl.extras["refined_map"] - up).flatten(1)
+        alpha = (delta * centred).sum(1) / centred.square().sum(1)
+        assert ((alpha > 0) & (alpha <= 1 + 1e-6)).all()
+        torch.testing.assert_close(delta, alpha[:, None] * centred, rtol=1e-4, atol=1e-5)
+        # ... small enough that pixels of a higher-logit patch always rank above those of a lower one.
+        raw_v, ref_v = up.flatten(1), expl.extras["refined_map"].flatten(1)
+        higher = raw_v[:, :, None] > raw_v[:, None, :] + 1e-4
+        assert (ref_v[:, :, None] > ref_v[:, None, :])[higher].all()
 
 
 def test_patchnet_patches_are_independent():
@@ -327,3 +334,21 @@ def test_pretrained_synthetic_checkpoint(name):
     torch.testing.assert_close(local.attribution.mean(dim=(1, 2, 3)), _target_logit(local), rtol=1e-4, atol=1e-4)
     if name.startswith("patchnet"):  # the raw 8 px plateau cannot point inside 6–10 px objects reliably
         assert hit_rate(local.extras["raw_map"], batch["mask"][:n]) < 0.7
+
+
+def test_refine_orders_patches_by_logit_then_pixels_by_detail():
+    """Constructed: two 2×2 patches with logits 1 and 2 and a detail larger than their gap. The refined
+    map keeps every pixel of the logit-2 patch above the logit-1 patch, orders pixels inside a patch
+    by the detail, and keeps every patch's mean (the exact decomposition)."""
+    from zoo.models.patchnet import refine
+
+    raw = torch.tensor([[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]).view(1, 1, 2, 4)
+    detail = torch.tensor([[5.0, -5.0, -3.0, 1.0], [1.0, -1.0, 3.0, -1.0]]).view(1, 1, 2, 4)  # zero mean per patch
+    out = refine(raw, detail)
+    left, right = out[..., :2].flatten(), out[..., 2:].flatten()
+    assert right.min() > left.max()
+    assert left.argsort().tolist() == detail[..., :2].flatten().argsort().tolist()
+    assert right.argsort().tolist() == detail[..., 2:].flatten().argsort().tolist()
+    torch.testing.assert_close(F.avg_pool2d(out, 2), F.avg_pool2d(raw, 2))
+    flat = refine(torch.ones(1, 1, 2, 2), torch.tensor([[0.5, -0.5], [0.2, -0.2]]).view(1, 1, 2, 2))
+    torch.testing.assert_close(flat, 1 + torch.tensor([[0.5, -0.5], [0.2, -0.2]]).view(1, 1, 2, 2))  # one patch: α = 1
