@@ -28,13 +28,13 @@ At the zoo's 28–32 px images (P=8 / P=14) 50× is impossible at equal map: mos
 the last layers, which see 1–4 positions per window. The target holds at the anchor's patch size
 (P=64, 4096 shifts) — the size at which shift-averaging is the problem MedicalPatchNet has.
 
-Measured 2026-12-01 on the shared 2-core CPU (one thread; ratio in CPU time, wall in brackets), all
-maps equal (corr 1.000000, max |diff| ≤ 5e-5):
-  32 px,  P=8,  16 images (patchnet-synthetic):       5.3x  (4.1x)
-  28 px,  P=14, 16 images (patchnet-pneumoniamnist): 10.3x  (9.1x)
-  128 px, P=32, 1 image (untrained):                 32.8x (32.8x)
-  128 px, P=64, 1 image (untrained):                 56.4x (56.4x)
-(an earlier run under heavier load: 4.8x, 12.1x, 35.3x, 56.5x CPU; 49.8x wall at P=64).
+Measured 2026-12-01 (second session, quiet 2-core CPU, one thread; ratio in CPU time, wall in
+brackets), all maps equal (corr 1.000000, max |diff| ≤ 7e-5):
+  32 px,  P=8,  16 images (patchnet-synthetic):        4.9x  (4.9x)
+  28 px,  P=14, 16 images (patchnet-pneumoniamnist):  10.7x (10.7x)
+  128 px, P=32, 1 image (untrained):                  30.3x (30.3x)
+  128 px, P=64, 1 image (untrained):                  54.7x (54.8x)
+(earlier runs under load: 5.3x, 10.3x, 32.8x, 56.4x and 4.8x, 12.1x, 35.3x, 56.5x CPU).
 Run:
 
     python benchmarks/bench_dense_map.py            # all geometries (P=64 takes a few minutes)

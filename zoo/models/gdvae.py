@@ -445,7 +445,7 @@ class GdVAE(SelfExplainingModule):
                                           else (x.new_zeros(()), x.new_zeros(())))
         total = (hp.recon_weight * rec.mean() + hp.kl_weight * kl.mean() + hp.prior_kl_weight * prior_kl.mean()
                  + hp.ce_weight * ce + hp.consistency_weight * consistency
-                 + hp.get("consistency_class_weight", 0.0) * class_consistency)
+                 + hp.consistency_class_weight * class_consistency)
         logs = {"recon": rec.mean().detach(), "kl": kl.mean().detach(), "prior_kl": prior_kl.mean().detach(),
                 "ce": ce.detach(), "consistency": consistency.detach(),
                 "class_consistency": class_consistency.detach(), "sigma": log_sigma.exp().mean().detach()}

@@ -32,7 +32,7 @@ of *every* P×P window that covers it. With the default per-patch backbone (``pa
 convs whose receptive field is exactly P) all windows at stride 1 come out of one fully
 convolutional pass over the padded image. Shift-averaging evaluates every window once as well, so
 the speed-up is exactly the work overlapping windows share (the early, high-resolution layers):
-measured ≈5× at P=8, ≈10–12× at P=14, ≈33–35× at P=32 and ≈56× at the anchor's P=64 (multiply-add
+measured ≈5× at P=8, ≈11× at P=14, ≈30–35× at P=32 and ≈55× at the anchor's P=64 (multiply-add
 bounds 4×, 10×, 46×, 118×; see benchmarks/bench_dense_map.py). Other backbones (``zoo_cnn``, any timm model)
 evaluate unfolded windows at ``dense_stride`` in batches. ``shift_averaged_map`` keeps the naive
 definition as the reference (tests and the benchmark check the maps are equal).
