@@ -13,6 +13,7 @@ Run: python benchmarks/bench_sop.py [--groups 8] [--batch 64] [--checkpoint sop-
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -20,11 +21,7 @@ import torch
 import zoo
 
 
-REPEATS = 3
-
-
-def best_of(fn, repeats: int | None = None) -> float:
-    repeats = repeats or REPEATS
+def best_of(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -43,8 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global REPEATS
-    REPEATS = args.repeats
+    best = functools.partial(best_of, repeats=args.repeats)
     torch.manual_seed(0)
     if args.checkpoint:
         model = zoo.load(args.checkpoint)
@@ -59,16 +55,16 @@ def main() -> None:
     handle.remove()
     passes = sum(images) / B
 
-    plain = best_of(lambda: model.backbone_logits(x))
+    plain = best(lambda: model.backbone_logits(x))
     # The bound in time, measured: M + 1 plain forwards of the same batch, one after the other. On a
     # loaded CPU a B·M-image batch runs slower per image than a B-image one (cache), so the explain ÷
     # plain ratio can exceed M + 1 while the work is M + 1 forwards; this row separates the two.
-    bound = best_of(lambda: [model.backbone_logits(x) for _ in range(M + 1)])
-    forward = best_of(lambda: model(x))
-    explain = best_of(lambda: model.explain(x))
+    bound = best(lambda: [model.backbone_logits(x) for _ in range(M + 1)])
+    forward = best(lambda: model(x))
+    explain = best(lambda: model.explain(x))
     chunked = zoo.create_model("sop", **{**dict(model.hparams), "chunk_size": B}).eval()
     chunked.load_state_dict(model.state_dict())
-    small_chunks = best_of(lambda: chunked.explain(x))
+    small_chunks = best(lambda: chunked.explain(x))
 
     unit = "cells" if model.hparams.mask_resolution == "cells" else "pixels"
     total = model.grid[0] * model.grid[1] if unit == "cells" else model.image_size ** 2

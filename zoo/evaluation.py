@@ -27,9 +27,9 @@ def take_images(datamodule, split: str = "test", n: int = 256, balanced: bool = 
     class counts equal that share is 1/K for every model, whichever class it calls grey (with the
     first 256 synthetic test images, 72 of class 0 and 57 of class 1, the tail alone moved two
     models' deletion AUCs 0.06 apart)."""
-    datamodule.setup("test" if split == "test" else "fit")
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
+    datamodule.setup("test" if split == "test" else "fit")
     loader = getattr(datamodule, f"{split}_dataloader")()
     parts: dict[str, list[Tensor]] = {}
     count, wanted = 0, n * (20 if balanced else 1)  # balanced: read ahead for the rarer classes
