@@ -115,6 +115,39 @@ def test_film_decoder_starts_as_the_plain_decoder():
         assert not torch.allclose(model.decoder(z, y), plain)
 
 
+def test_object_decoder_confines_the_class_to_the_glyph_window():
+    """decoder="object": the class dims and the class vector reach only the glyph window centred on the
+    two "where" dims (the encoder's attention centroid, in [-1, 1]); moving "where" by 4 px moves the
+    glyph by exactly 4 px and leaves the background alone."""
+    torch.manual_seed(0)
+    model = zoo.create_model("gdvae", num_classes=3, in_channels=1, image_size=32, decoder="object",
+                             glyph_fraction=0.375, decoder_film=True).eval()
+    Dc = model.class_dims
+    z, _ = model.encode(model.example_input(2))
+    where = z[:, Dc:Dc + 2]
+    assert (where.abs() <= 1).all()
+    z[:, Dc:Dc + 2] = torch.tensor([-0.5, 0.25])  # glyph centre at pixel (x, y) = (8, 20)
+    with torch.no_grad():
+        moved = z.clone()
+        moved[:, :Dc] += 3.0  # a counterfactual-like move of the class dims, and another class vector
+        change = (model.decoder(moved, torch.eye(3)[[2, 2]]) - model.decoder(z, torch.eye(3)[[0, 0]])).abs()
+        window = torch.zeros(32, 32, dtype=torch.bool)
+        window[20 - 6:20 + 6, 8 - 6:8 + 6] = True  # 0.375 · 32 = 12 px
+        assert change[:, 0, window].amax() > 1e-3
+        assert change[:, 0, ~window].amax() < 1e-6
+        shifted = z.clone()
+        shifted[:, Dc] += 8 / 32  # +4 px in x
+        dec = model.decoder
+        glyph = lambda zz: torch.atanh(dec(zz, torch.eye(3)[[1, 1]]).clamp(-0.999999, 0.999999))  # noqa: E731
+        bg = dec.background(z[:, Dc + 2:], z.new_zeros(2, 0), False)
+        a, b = glyph(z) - bg, glyph(shifted) - bg  # the pasted glyph alone
+        torch.testing.assert_close(b[..., 4:], a[..., :-4], rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown decoder"):
+        zoo.create_model("gdvae", decoder="layered")
+    with pytest.raises(ValueError, match="no room"):
+        zoo.create_model("gdvae", decoder="object", latent_dim=9, class_dims=8)
+
+
 def test_binary_counterfactual_probability_is_the_softmax():
     model = make(num_classes=2)
     z = torch.randn(4, model.hparams.latent_dim)
@@ -226,6 +259,13 @@ def test_counterfactual_metrics_on_constructed_cases():
     assert got[0] == 0.75 and math.isnan(got[1])  # all-zero map: nothing to score
     with pytest.raises(ValueError, match="non-negative"):
         CF.mass_in_mask(-change, mask)
+    shape = torch.zeros(2, 1, 8, 8)
+    shape[0, 0, 2, 3] = shape[0, 0, 4, 5] = 1  # two pixels: box rows 2..4, cols 3..5
+    box = CF.bounding_box_mask(shape, pad=1)
+    expected = torch.zeros(8, 8)
+    expected[1:6, 2:7] = 1
+    torch.testing.assert_close(box[0, 0], expected)
+    assert box[1].sum() == 0  # empty mask, empty box
     ref = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
     torch.testing.assert_close(CF.nearest_neighbour_distance(torch.full((1, 1, 2, 2), 0.75), ref), torch.tensor([0.25]))
     conf = CF.classifier_confidence(lambda im: torch.tensor([[0.0, math.log(3.0)]]).expand(im.shape[0], 2),

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["validity", "proximity_l1", "latent_consistency", "mass_in_mask", "classifier_confidence",
-           "nearest_neighbour_distance"]
+__all__ = ["validity", "proximity_l1", "latent_consistency", "mass_in_mask", "bounding_box_mask",
+           "classifier_confidence", "nearest_neighbour_distance"]
 
 
 def validity(logits: Tensor, target: Tensor) -> Tensor:
@@ -59,6 +59,26 @@ def mass_in_mask(change: Tensor, mask: Tensor) -> Tensor:
     inside = (change * (mask > 0.5)).sum(1)
     out = inside / total
     return torch.where((total > 0) & (mask.sum(1) > 0), out, torch.full_like(out, float("nan")))
+
+
+def bounding_box_mask(mask: Tensor, pad: int = 1) -> Tensor:
+    """(N,1,H,W) float: the axis-aligned bounding box of each mask (N,1,H,W) or (N,H,W), grown by `pad`
+    pixels and clipped to the image; all zero for an empty mask.
+
+    Why: a counterfactual that turns one evidence shape into another changes the pixels of *both*
+    shapes, and the target's lie partly outside the source's mask (measured with pixel-exact shape
+    swaps on the synthetic set: 3 % of a cross → disc change is inside the cross). The box of the
+    evidence object holds the change of any such swap; `pad` allows for one pixel of blur."""
+    m = mask.reshape(mask.shape[0], *mask.shape[-2:]) > 0.5  # (N,H,W)
+    rows, cols = m.any(2), m.any(1)  # (N,H), (N,W)
+
+    def span(line: Tensor) -> Tensor:  # (N,L) bool -> (N,L) bool covering first..last True, ±pad
+        idx = torch.arange(line.shape[1], device=line.device)
+        first = torch.where(line, idx, line.shape[1]).min(1).values
+        last = torch.where(line, idx, -1).max(1).values
+        return (idx >= (first - pad)[:, None]) & (idx <= (last + pad)[:, None])
+
+    return (span(rows)[:, :, None] & span(cols)[:, None, :]).float().unsqueeze(1)
 
 
 @torch.no_grad()

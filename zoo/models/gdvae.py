@@ -18,6 +18,26 @@ The model, top to bottom
   ``logit(m(x))``: the encoder mean, so predictions are deterministic.
 * Decoder ``p(x|z, y) = N(Dec(z, y), σ_x² I)`` — a CVAE decoder: z plus a class vector y.
 
+Object-centric layout (``decoder="object"``, used on the synthetic evidence images)
+----------------------------------------------------------------------------------
+With one decoder the class code reaches every pixel, so a counterfactual redraws the whole image:
+on synthetic, 16 % of the change fell inside the evidence object's box (8 % in its mask) and
+validity toward the worst class stayed at 0.79 (see "Tried" below). The object layout makes the
+locality structural:
+
+* the encoder pools the class dims with a learned attention (softmax over the feature map's cells)
+  instead of a plain average, and the attention's centroid becomes two *where* dims (x, y in
+  [-1, 1], right after the class dims; μ_k = 0 there, so the classifier ignores them);
+* ``Dec(z, y) = tanh(B(z_style) + place(G(z, y), z_where))``: a background decoder B that sees only
+  the style dims, plus a *glyph* G drawn from z and the class vector on a small canvas and pasted by
+  a spatial transformer (affine_grid / grid_sample, zero outside) into a window of
+  ``glyph_fraction`` × the image side centred on z_where.
+
+A counterfactual moves the class dims only, so it can change pixels inside the glyph window and
+nowhere else; the attention the classifier already needs puts that window on the evidence. This is
+attend-infer-repeat's what/where split with one object; it suits images whose class evidence is one
+localised object, not diffuse findings (the MedMNIST experiments keep the plain decoder).
+
 How the label enters (deviation from the reference, on purpose)
 ---------------------------------------------------------------
 The reference CVAE feeds the label to the encoder as an extra channel, ``q(z|x,y)``. At test time
@@ -82,14 +102,18 @@ classifier at chance after 4 epochs on the synthetic data (measured with the ear
 encoder, whose flattened-map noise was the larger culprit, see _Encoder). ce_weight = 50 (≈ 0.05 per
 pixel) trains it.
 
-Known gap (synthetic card, ``consistency_class_weight=50``): accuracy 0.996; re-encoded counterfactuals
-toward every other class are valid for 0.88 of images at δ = 0.9 (worst class 0.79; prototype path
-0.90 / 0.86; toward the runner-up 0.92) — 0.63 / 0.41 without the class term, 0.35 without
-``decoder_film``. The decoder stays blurry within the CPU budget (8 epochs × 4000 images) and the
-change is not concentrated on the evidence (share of |x_0.5 − x| in the mask 0.08). A consistency
-(L2) weight of 50 made the decoder collapse (reconstruction 133 → 655 nats).
+Measured on synthetic (seed 0, 8 epochs × 4000 images; numbers in checkpoints/gdvae-synthetic/card.md):
+with the object layout, validity toward every other class at δ = 0.9 is 0.97–0.99 (worst class
+0.93–0.97, prototype path higher), and 70 % of |x_0.5 − x̂| lies in the evidence object's box, 40 %
+in its pixel mask — where a pixel-exact shape swap (square → disc, …) scores 50 %, because the
+target shape's pixels lie outside the source's mask. Glyph windows: 0.5 of the side → box 0.67;
+0.3 → the shape no longer fits around the centroid's error and validity falls to 0.46.
+With the plain decoder (``consistency_class_weight=50``): accuracy 0.996; validity 0.88 (worst
+class 0.79), box 0.16, mask 0.08 — 0.63 / 0.41 validity without the class term, 0.35 without
+``decoder_film``. A consistency (L2) weight of 50 made that decoder collapse (reconstruction 133 →
+655 nats).
 
-Tried and reverted (seed 0, synthetic, 8 epochs; validity toward every other class at δ = 0.9 over 256
+Tried and reverted with the plain decoder (seed 0, synthetic, 8 epochs; validity toward every other class at δ = 0.9 over 256
 test images / share of |x_0.5 − x| in the evidence mask; the model published before the class term measured
 0.63 / 0.07 this way):
 * residual counterfactual ``x + Dec(z_δ) − Dec(z)`` on the published model: 0.001 / 0.10 — the encoder
@@ -98,7 +122,7 @@ test images / share of |x_0.5 − x| in the evidence mask; the model published b
 * a spatial (4×4 map) style latent read in place by the decoder, with residual consistency: 0.23 / 0.07
   (0.38 decoding Dec(z_δ) directly); the decoder edits the distractor rings, not the evidence shape;
 * recon σ 0.3 (sharper decoder): 0.44 / 0.07 (0.03 / 0.16 with the residual form);
-* with the class term (2026-12-01, same protocol, minimal path): weight 50 → 0.88 / 0.08 (shipped);
+* with the class term (2026-12-01, same protocol, minimal path): weight 50 → 0.88 / 0.08 (published until the object layout);
   weight 200, or 100 with two convs per decoder stage, or 50 with two convs per stage → the decoder
   ignores the class (validity 0.23–0.25, change in the mask 0.00); 50 with a layered decoder
   (background from the style dims, class layer composited through an L1-priced mask, 0.05 nats/px)
@@ -123,6 +147,8 @@ from zoo.nets.backbones import build_backbone
 from zoo.registry import register_model
 
 CF_METHODS = ("minimal", "prototype")
+DECODERS = ("plain", "object")
+WHERE_DIMS = 2  # object-centric layout: the glyph centre (x, y), right after the class dims
 ATTRIBUTION_REFERENCES = ("reconstruction", "input")
 
 
@@ -143,22 +169,46 @@ class _Encoder(nn.Module):
     running statistics in training (see GdVAE._consistency)."""
 
     def __init__(self, in_channels: int, image_size: int, widths: Sequence[int], latent_dim: int,
-                 class_dims: int) -> None:
+                 class_dims: int, object_centric: bool = False) -> None:
         super().__init__()
         self.features = build_backbone("zoo_cnn", in_channels, widths=tuple(widths))
         self.pool = nn.AdaptiveAvgPool2d(4)  # fixed 4×4 grid whatever the input size
         c = self.features.out_channels
         self.class_head = nn.Linear(c, 2 * class_dims)
-        style_dims = latent_dim - class_dims
+        # Object-centric: the class dims pool the map with a learned attention (softmax over positions)
+        # instead of uniformly, and the attention's centroid is the two "where" dims (see _ObjectDecoder).
+        self.attention = nn.Conv2d(c, 1, 1) if object_centric else None
+        where = WHERE_DIMS if object_centric else 0
+        style_dims = latent_dim - class_dims - where
+        if style_dims < 0:
+            raise ValueError(f"gdvae: latent_dim={latent_dim} leaves no room for {class_dims} class dims "
+                             f"and {where} where dims")
+        self.where_logvar = nn.Parameter(torch.full((where,), -6.0)) if where else None
         self.style_head = nn.Linear(c * 16, 2 * style_dims) if style_dims else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # (B,C,H,W) -> (B,D), (B,D)
         h = self.features(x)  # (B,c,h,w)
-        mean, logvar = self.class_head(h.mean(dim=(2, 3))).chunk(2, dim=1)
+        if self.attention is None:
+            pooled = h.mean(dim=(2, 3))  # (B,c)
+        else:
+            B, _, hh, ww = h.shape
+            attn = self.attention(h).flatten(1).softmax(1)  # (B,h·w)
+            pooled = torch.einsum("bn,bcn->bc", attn, h.flatten(2))
+            rows, cols = torch.meshgrid(_cell_centres(hh, h), _cell_centres(ww, h), indexing="ij")
+            where = torch.stack([attn @ cols.flatten(), attn @ rows.flatten()], 1)  # (B,2) centroid (x, y)
+        mean, logvar = self.class_head(pooled).chunk(2, dim=1)
+        if self.attention is not None:
+            mean = torch.cat([mean, where], 1)
+            logvar = torch.cat([logvar, self.where_logvar.expand(mean.shape[0], -1)], 1)
         if self.style_head is not None:
             mean_s, logvar_s = self.style_head(self.pool(h).flatten(1)).chunk(2, dim=1)
             mean, logvar = torch.cat([mean, mean_s], 1), torch.cat([logvar, logvar_s], 1)
         return mean, logvar.clamp(-10, 6)  # clamp: exp() stays finite early in training
+
+
+def _cell_centres(n: int, like: Tensor) -> Tensor:
+    """Centres of n equal cells of [-1, 1] (grid_sample's align_corners=False convention)."""
+    return (torch.arange(n, device=like.device, dtype=like.dtype) + 0.5) * (2 / n) - 1
 
 
 class _Decoder(nn.Module):
@@ -188,7 +238,8 @@ class _Decoder(nn.Module):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
 
-    def forward(self, z: Tensor, y: Tensor) -> Tensor:  # (B,D), (B,K) class vector -> (B,C,H,W)
+    def forward(self, z: Tensor, y: Tensor, activation: bool = True) -> Tensor:
+        """(B,D), (B,K) class vector -> (B,C,H,W) image (tanh), or its pre-activation."""
         h = F.silu(self.fc(torch.cat([z, y], dim=1))).view(-1, self.width0, self.s0, self.s0)
         if self.film is None:
             h = self.body(h)
@@ -202,7 +253,39 @@ class _Decoder(nn.Module):
         h = self.out(h)
         if h.shape[-1] != self.image_size:
             h = F.interpolate(h, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return torch.tanh(h)
+        return torch.tanh(h) if activation else h
+
+
+class _ObjectDecoder(nn.Module):
+    """Dec(z, y) = tanh(B(z_style) + place(G(z, y), z_where)): a background decoder B that sees the style
+    dims only, plus an object *glyph* G (a small canvas drawn from z and the class vector) pasted at the
+    two "where" dims by a spatial transformer (affine_grid / grid_sample, zero outside the window).
+
+    Why: with one decoder the class vector and class dims reach every pixel, and a counterfactual redraws
+    the whole image (measured with the plain decoder: 8 % of the change inside the evidence mask). Here
+    the class can only change pixels inside the glyph window, which the encoder's class attention puts
+    on the evidence. The glyph spans ``glyph_fraction`` of the image side."""
+
+    def __init__(self, out_channels: int, image_size: int, widths: Sequence[int], latent_dim: int,
+                 num_classes: int, class_dims: int, film: bool = False, glyph_fraction: float = 0.5,
+                 glyph_px: int = 16) -> None:
+        super().__init__()
+        self.class_dims, self.fraction = class_dims, float(glyph_fraction)
+        style_dims = latent_dim - class_dims - WHERE_DIMS
+        self.background = _Decoder(out_channels, image_size, widths, style_dims, 0)
+        self.glyph = _Decoder(out_channels, glyph_px, widths, latent_dim, num_classes, film=film)
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:  # (B,D), (B,K) -> (B,C,H,W)
+        where = z[:, self.class_dims:self.class_dims + WHERE_DIMS]  # (B,2) glyph centre (x, y) in [-1, 1]
+        background = self.background(z[:, self.class_dims + WHERE_DIMS:], z.new_zeros(z.shape[0], 0), False)
+        glyph = self.glyph(z, y, activation=False)  # (B,C,g,g)
+        # Output pixel p samples the glyph at (p − where) / fraction: the glyph's centre lands on `where`.
+        theta = z.new_zeros(z.shape[0], 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1 / self.fraction
+        theta[:, :, 2] = -where / self.fraction
+        grid = F.affine_grid(theta, list(background.shape), align_corners=False)
+        placed = F.grid_sample(glyph, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return torch.tanh(background + placed)
 
 
 def pairwise_log_odds(target_prob: float | Sequence[float] | Tensor) -> Tensor:
@@ -236,6 +319,8 @@ class GdVAE(SelfExplainingModule):
         class_dims: int | None = 8,
         prototype_init: float = 1.0,
         decoder_film: bool = False,
+        decoder: str = "plain",
+        glyph_fraction: float = 0.5,
         **base,
     ) -> None:
         # Default schedule (data, see SelfExplainingModule.phase_at): 3 epochs of VAE + classifier, then
@@ -258,9 +343,16 @@ class GdVAE(SelfExplainingModule):
         if not 1 <= class_dims <= latent_dim:
             raise ValueError(f"gdvae: class_dims must be in 1..latent_dim={latent_dim}, got {class_dims}")
         self.class_dims = class_dims
-        self.encoder = _Encoder(self.in_channels, self.image_size, widths, latent_dim, class_dims)
-        self.decoder = _Decoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes,
-                                film=bool(decoder_film))
+        if decoder not in DECODERS:
+            raise ValueError(f"gdvae: unknown decoder {decoder!r}; expected one of {DECODERS}")
+        self.encoder = _Encoder(self.in_channels, self.image_size, widths, latent_dim, class_dims,
+                                object_centric=decoder == "object")
+        if decoder == "object":
+            self.decoder = _ObjectDecoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes,
+                                          class_dims, film=bool(decoder_film), glyph_fraction=glyph_fraction)
+        else:
+            self.decoder = _Decoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes,
+                                    film=bool(decoder_film))
         # Prototypes μ_k: small random init — distinct (zeros give identical logits), yet logits start
         # near uniform (unit-scale means give logit gaps of ~D/2 and a slow, saturated start).
         # Unit-scale init (the reference's 0.1 made every class code start at the same point, and the latent
@@ -557,8 +649,11 @@ def counterfactual_report(model: GdVAE, batch: dict[str, Tensor], reference: dic
     worst target class), ``cf_latent_validity`` (full softmax argmax at z_δ), ``cf_proximity_l1``,
     ``cf_latent_consistency``, ``cf_realism_conf`` (baseline CNN's probability of the target on x_δ),
     ``cf_nn_dist`` / ``real_nn_dist`` (RMS distance to the nearest training image of the target /
-    own class, for CFs / real test images), ``cf_mass_in_mask`` (|x_0.5 − x̂|) and
-    ``cf_mass_in_mask_input`` (|x_0.5 − x|) when masks exist, ``cf_ms`` (milliseconds per CF)."""
+    own class, for CFs / real test images), ``cf_mass_in_mask`` (|x_0.5 − x̂|),
+    ``cf_mass_in_mask_input`` (|x_0.5 − x|) and ``cf_mass_in_box`` (|x_0.5 − x̂| inside the evidence
+    object's bounding box ± 1 px, where any class's shape at that place would lie: a pixel-exact shape
+    swap scores 1.00 there and 0.50 in the source mask, see CF.bounding_box_mask) when masks exist,
+    ``cf_ms`` (milliseconds per CF)."""
     device = model.device
     x = batch["image"].to(device)
     masks = batch.get("mask")
@@ -598,6 +693,8 @@ def counterfactual_report(model: GdVAE, batch: dict[str, Tensor], reference: dic
                 m = masks[keep.cpu()].to(device)
                 parts["cf_mass_in_mask"] = CF.mass_in_mask((boundary - recon).abs().sum(1, keepdim=True), m)
                 parts["cf_mass_in_mask_input"] = CF.mass_in_mask((boundary - xs).abs().sum(1, keepdim=True), m)
+                parts["cf_mass_in_box"] = CF.mass_in_mask((boundary - recon).abs().sum(1, keepdim=True),
+                                                          CF.bounding_box_mask(m))
             for name, v in parts.items():
                 cols.setdefault(name, []).append(v.float().cpu())
         row = {name: float(torch.nanmean(torch.cat(v))) for name, v in cols.items()}
