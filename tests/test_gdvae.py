@@ -185,9 +185,10 @@ def test_explain_fields_and_semantics():
     assert forced.counterfactuals.shape[1] == 1
 
 
-def test_three_channel_64px_model_runs():
+@pytest.mark.parametrize("decoder", ["plain", "object"])
+def test_three_channel_64px_model_runs(decoder):
     torch.manual_seed(0)
-    model = zoo.create_model("gdvae", num_classes=3, in_channels=3, image_size=64).eval()
+    model = zoo.create_model("gdvae", num_classes=3, in_channels=3, image_size=64, decoder=decoder).eval()
     expl = model.explain(model.example_input(2))
     assert expl.counterfactuals.shape == (2, 5, 3, 64, 64) and expl.attribution.shape == (2, 1, 64, 64)
 
