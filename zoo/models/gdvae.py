@@ -102,12 +102,14 @@ classifier at chance after 4 epochs on the synthetic data (measured with the ear
 encoder, whose flattened-map noise was the larger culprit, see _Encoder). ce_weight = 50 (≈ 0.05 per
 pixel) trains it.
 
-Measured on synthetic (seed 0, 8 epochs × 4000 images; numbers in checkpoints/gdvae-synthetic/card.md):
-with the object layout, validity toward every other class at δ = 0.9 is 0.97–0.99 (worst class
-0.93–0.97, prototype path higher), and 70 % of |x_0.5 − x̂| lies in the evidence object's box, 40 %
-in its pixel mask — where a pixel-exact shape swap (square → disc, …) scores 50 %, because the
-target shape's pixels lie outside the source's mask. Glyph windows: 0.5 of the side → box 0.67;
-0.3 → the shape no longer fits around the centroid's error and validity falls to 0.46.
+Measured on synthetic (seed 0, 12 epochs × 4000 images; checkpoints/gdvae-synthetic/card.md): with the
+object layout, accuracy 0.998; validity toward every other class at δ = 0.9 is 0.99 (worst class 0.96;
+minimal path 0.98 / 0.95), and of |x_0.5 − x̂| 83 % lies in the evidence object's box and 52 % in its
+pixel mask — where a pixel-exact shape swap (square → disc, …) scores 50 %, because the target
+shape's pixels lie outside the source's mask. Seeds 1 / 2 on the same test images: worst class
+0.98 / 0.94 (after 8 epochs: seeds 0 / 1 / 2 gave 0.97 / 0.94 / 0.75, hence 12). Glyph windows
+(8 epochs): 0.5 of the side → box 0.67 vs 0.71 at 0.375; 0.3 → the shape no longer fits around the
+centroid's error, validity 0.46.
 With the plain decoder (``consistency_class_weight=50``): accuracy 0.996; validity 0.88 (worst
 class 0.79), box 0.16, mask 0.08 — 0.63 / 0.41 validity without the class term, 0.35 without
 ``decoder_film``. A consistency (L2) weight of 50 made that decoder collapse (reconstruction 133 →
