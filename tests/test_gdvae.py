@@ -144,6 +144,8 @@ def test_object_decoder_confines_the_class_to_the_glyph_window():
         torch.testing.assert_close(b[..., 4:], a[..., :-4], rtol=0, atol=1e-3)
     with pytest.raises(ValueError, match="unknown decoder"):
         zoo.create_model("gdvae", decoder="layered")
+    with pytest.raises(ValueError, match="glyph_fraction must be in"):
+        zoo.create_model("gdvae", decoder="object", glyph_fraction=1.5)
     with pytest.raises(ValueError, match="no room"):
         zoo.create_model("gdvae", decoder="object", latent_dim=9, class_dims=8)
 
