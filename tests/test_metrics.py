@@ -314,3 +314,16 @@ def test_take_images_balanced_takes_equal_classes_in_split_order():
     short = take_images(dm, "test", 12, balanced=True)  # class 1 has 3 < 4: topped up from the rest
     assert torch.bincount(short["label"]).tolist() == [5, 3, 4]
     assert short["image"].flatten().tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 16]
+
+
+def test_format_table_column_order_is_fixed():
+    """Known columns first (acc, auroc, hit_rate, …), the rest in the order rows first use them; a
+    missing cell prints "-". (A set ordered the rest by string hash, different in every process.)"""
+    from zoo.evaluation import format_table
+
+    rows = {"model": {"zeta": 1.0, "acc": 0.5}, "baseline": {"alpha": 2.0, "auroc": 0.25, "zeta": 3.0}}
+    lines = format_table("t", rows).splitlines()
+    assert lines[0] == "t"
+    assert lines[1].split() == ["acc", "auroc", "zeta", "alpha"]
+    assert lines[2].split() == ["model", "0.5000", "-", "1.0000", "-"]
+    assert lines[3].split() == ["baseline", "-", "0.2500", "3.0000", "2.0000"]

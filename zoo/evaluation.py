@@ -157,7 +157,9 @@ def explanation_report(model, datamodule, n_images: int = 256, steps: int = 24,
 
 def format_table(title: str, rows: dict[str, dict[str, float]]) -> str:
     """A plain-text table (rich renders it in the terminal; this string goes to logs and cards)."""
-    columns = sorted({c for r in rows.values() for c in r}, key=lambda c: _ORDER.get(c, 99))
+    # Known columns first, in _ORDER; the rest in the order rows first use them (a set would order them
+    # by string hash, which differs between runs). sorted() is stable.
+    columns = sorted(dict.fromkeys(c for r in rows.values() for c in r), key=lambda c: _ORDER.get(c, len(_ORDER)))
     width = max([len(n) for n in rows] + [10])
     lines = [title, f"{'':{width}}  " + "  ".join(f"{c:>14}" for c in columns)]
     for name, row in rows.items():
