@@ -9,7 +9,10 @@ import hydra
 from omegaconf import DictConfig
 
 from zoo.cli import user_errors
+from zoo.config import register_model_configs
 from zoo.training import train
+
+register_model_configs()  # conf/model/*.yaml start from the model signatures' defaults
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -37,6 +37,9 @@ def compose(overrides: list[str], output_dir: Path):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from zoo.config import register_model_configs
+
+    register_model_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=[*overrides, f"paths.output_dir={output_dir}"])

@@ -10,7 +10,19 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import CONF, compose, shared_medmnist_dir
+from omegaconf import OmegaConf
+
+from zoo.hub import plain
+from zoo.registry import create_model, model_class
 from zoo.training import build_datamodule, build_model, build_trainer
+
+# The keys a conf/model/*.yaml may set besides _target_ and name: what the config deliberately changes
+# against its registered model's signature defaults (variants of one registered class). Everything else
+# lives in the signature only, so `python train.py model=x` and `zoo.create_model(x)` build one model.
+DELIBERATE = {
+    "graph_gat": ("backbone",), "graph_gcn": ("backbone",), "graph_gin": ("backbone",),
+    "xnode_gat": ("backbone",), "xnode_gcn": ("backbone",), "xnode_gin": ("backbone",),
+}
 
 
 def options(group: str) -> list[str]:
@@ -52,6 +64,22 @@ def test_model_config_instantiates(name, tmp_path):
     model = build_model(cfg, dm).eval()
     x = torch.zeros(2, dm.in_channels, dm.image_size, dm.image_size)
     assert model(x).shape == (2, dm.num_classes)
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_config_is_create_model_defaults(name, tmp_path):
+    cfg = compose([f"model={name}"], tmp_path)
+    changed = DELIBERATE.get(name, ())
+    own = OmegaConf.load(CONF / "model" / f"{name}.yaml")  # the file itself, before its defaults list
+    assert set(own) - {"defaults"} == set(changed), \
+        f"conf/model/{name}.yaml repeats or changes signature defaults; defaults belong in the model's __init__"
+    assert set(cfg.model) - {"_target_", "name"} == set(model_class(cfg.model.name).default_hparams())
+    dm = build_datamodule(cfg)  # graph models: the (unbuilt) kNN graph over the default data gives their sizes
+    geometry = dict(num_classes=dm.num_classes, in_channels=dm.in_channels, image_size=dm.image_size,
+                    task=dm.task, **getattr(dm, "model_kwargs", {}))
+    from_code = create_model(cfg.model.name, **geometry, **{k: cfg.model[k] for k in changed})
+    # plain(): as config.yaml stores them (a signature's tuple default and YAML's list are one value)
+    assert plain(dict(build_model(cfg, dm).hparams)) == plain(dict(from_code.hparams))
 
 
 @pytest.mark.parametrize("name", options("trainer"))

@@ -17,6 +17,9 @@ from zoo.metrics.localization import hit_rate
 from zoo.nets.patches import PatchCNN, place_map, splat_windows, to_patches
 
 GEOM = dict(num_classes=3, in_channels=1, image_size=32)
+# Seed of the learning test (data and init). Its thresholds sit far below what seeds 0, 1 and 2 give, so
+# cross-machine numerical differences (a different seed in effect) cannot flip it (issue #13).
+SEED = 0
 
 
 def _model(name: str, **kw):
@@ -235,32 +238,49 @@ def test_patchnet_bad_hparams(kw, message):
         zoo.create_model("patchnet", **GEOM, **kw)
 
 
-def test_patchnet_learns_and_localises_on_tiny_data():
-    """Class 1 = a bright 4×4 square somewhere, class 0 = none: the model must learn it, and the patch
-    holding the square must carry the largest class-1 evidence (logit 1 - logit 0: softmax only sees
-    differences)."""
-    torch.manual_seed(0)
+def _learn_squares(seed: int) -> dict[str, float]:
+    """Class 1 = a bright 4×4 square in one of the 16 patches, class 0 = none; a patchnet trained on the
+    64 images (full batch, Adam with a cosine decay to 0: batch-norm running statistics settle with the
+    weights, so the eval-mode model is the trained one). Returns the eval-mode training accuracy and the
+    fraction of class-1 images whose largest class-1 evidence (logit 1 - logit 0: softmax only sees
+    differences) sits in the patch holding the square."""
+    g = torch.Generator().manual_seed(seed)
     n, size = 64, 16
-    x = torch.rand(n, 1, size, size) * 0.1 - 0.8  # dark, slightly noisy background
+    x = torch.rand(n, 1, size, size, generator=g) * 0.1 - 0.8  # dark, slightly noisy background
     y = torch.arange(n) % 2
-    where = torch.randint(0, 4, (n, 2))
+    where = torch.randint(0, 4, (n, 2), generator=g)
     for i in range(n):
         if y[i]:
             r, c = where[i] * 4
             x[i, :, r:r + 4, c:c + 4] = 0.8
-    model = zoo.create_model("patchnet", num_classes=2, image_size=size, patch_size=4, widths=[16, 16])
+    torch.manual_seed(seed)  # the initialisation
+    model = zoo.create_model("patchnet", num_classes=2, image_size=size, patch_size=4, widths=[16, 16],
+                             blank_weight=0.0)
+    steps = 100
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
         loss, _, _ = model.loss({"image": x, "label": y})
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     model.eval()
     expl = model.explain(x, target=1)
-    assert (expl.logits.argmax(1) == y).float().mean() == 1.0
     evidence = expl.patch_logits[:, 1] - expl.patch_logits[:, 0]  # (n,4,4)
     best = evidence.flatten(1).argmax(1)  # (n,) raster index in the 4×4 grid
-    assert torch.equal(best[y == 1], (where[:, 0] * 4 + where[:, 1])[y == 1])
+    square = where[:, 0] * 4 + where[:, 1]
+    return {"acc": float((expl.logits.argmax(1) == y).float().mean()),
+            "localised": float((best == square)[y == 1].float().mean())}
+
+
+def test_patchnet_learns_and_localises_on_tiny_data():
+    """The model must learn the squares, and the square's patch must carry the largest class-1 evidence.
+    Seeds 0/1/2 give accuracy 1.0 and localisation 1.0 (16 seeds: all 1.0); the thresholds leave a wide
+    margin and stay far above chance."""
+    got = _learn_squares(SEED)
+    assert got["acc"] >= 0.85, f"training accuracy {got['acc']:.3f}; chance is 0.5"
+    assert got["localised"] >= 0.75, f"square's patch has the top evidence in {got['localised']:.3f}; chance 1/16"
 
 
 # ---------------------------------------------------------------------- BagNet
@@ -319,21 +339,27 @@ def test_pretrained_synthetic_checkpoint(name):
     from zoo.data import SyntheticDataModule
 
     model = zoo.load(name)
-    dm = SyntheticDataModule(image_size=32, num_classes=4, n_train=64, n_val=64, n_test=400, seed=0)
+    dm = SyntheticDataModule(image_size=32, num_classes=4, n_train=64, n_val=64, n_test=400, seed=SEED)
     dm.setup("test")
     batch = next(iter(torch.utils.data.DataLoader(dm.dataset("test"), batch_size=400)))
+    # Test sets of seeds 0/1/2: accuracy 0.975/0.975/0.980 (patchnet), 0.995/1.0/1.0 (bagnet); pointing
+    # game 0.99/0.98/0.99 and 0.95/0.98/0.96; the raw patchnet map 0.56/0.54/0.64.
     with torch.no_grad():
         kw = {"dense": False, "attribution_map": "raw"} if name.startswith("patchnet") else {}  # cheap here
         expl = model.explain(batch["image"], batch["label"], **kw)
         n = 128  # localisation on the first 128 images: the patchnet default map needs the dense pass
         local = model.explain(batch["image"][:n], batch["label"][:n])
-    assert (expl.logits.argmax(1) == batch["label"]).float().mean() >= 0.97
+    acc = float((expl.logits.argmax(1) == batch["label"]).float().mean())
+    assert acc >= 0.9, f"{name} test accuracy {acc:.3f}; chance is 0.25"
     torch.testing.assert_close(expl.contributions.sum(-1), expl.logits, rtol=1e-4, atol=1e-4)
-    # The reported attribution localises (pointing game ≥ 0.9) and still averages to the logit.
-    assert hit_rate(local.attribution, batch["mask"][:n]) >= 0.9
+    # The reported attribution localises (pointing game ≥ 0.8; chance ≈ 0.04, the mask's area share) and
+    # still averages to the logit.
+    hit = hit_rate(local.attribution, batch["mask"][:n])
+    assert hit >= 0.8, f"{name} pointing game {hit:.3f}; chance ≈ 0.04"
     torch.testing.assert_close(local.attribution.mean(dim=(1, 2, 3)), _target_logit(local), rtol=1e-4, atol=1e-4)
     if name.startswith("patchnet"):  # the raw 8 px plateau cannot point inside 6–10 px objects reliably
-        assert hit_rate(local.extras["raw_map"], batch["mask"][:n]) < 0.7
+        raw = hit_rate(local.extras["raw_map"], batch["mask"][:n])
+        assert raw < 0.8 and hit > raw + 0.2, f"raw map pointing game {raw:.3f} vs the reported map {hit:.3f}"
 
 
 def test_refine_orders_patches_by_logit_then_pixels_by_detail():

@@ -24,6 +24,7 @@ from zoo.models.prototypes.push import cell_box, find_duplicates, percentile_box
 
 GEOM = dict(num_classes=3, in_channels=1, image_size=32)
 SMALL = dict(widths=(8, 16, 16), prototype_dim=8, prototypes_per_class=2)  # fast, still an 8×8 grid
+SEED = 0  # of the learning test; its threshold sits far below what seeds 0, 1 and 2 give (issue #13)
 
 
 def small(name: str = "protopnet", **kw):
@@ -274,8 +275,10 @@ def test_phases_freeze_parts_and_keep_frozen_batchnorm_in_eval():
 def test_schedule_entries_override_loss_weights():
     m = small(schedule=[{"phase": "joint", "epochs": 2, "clst_weight": 0.0, "sep_weight": 0.0},
                         {"phase": "push"}, {"phase": "last_layer", "epochs": 1}])
-    assert m.phase_at(0) == ["joint"] and m.phase_at(2) == ["push", "last_layer"]
-    m.enter_phase("joint")
+    schedule = m.training_schedule
+    assert schedule.phase_at(1).name == "joint" and schedule.actions_at(2) == ["push"]
+    assert schedule.phase_at(2).name == "last_layer" and schedule.phase_at(9).name == "last_layer"
+    m.apply_phase(schedule.phase_at(1))  # the phase in force mid-way carries its entry's overrides
     assert m.loss_weight("clst_weight") == 0.0 and m.loss_weight("l1_weight") == pytest.approx(1e-4)
     batch = {"image": images(4), "label": torch.tensor([0, 1, 2, 0])}
     loss, logits, logs = m.loss(batch)
@@ -290,27 +293,39 @@ def test_param_groups_use_the_per_part_learning_rates():
     assert n == sum(p.numel() for p in m.parameters())
 
 
-def test_protopnet_learns_tiny_synthetic_data():
+def _fit_tiny_synthetic(seed: int) -> dict[str, float]:
+    """Eval-mode training accuracy of a small ProtoPNet fitted (CE only, joint phase) to 96 synthetic images
+    of 3 classes: 24 epochs of 3 batches, every part at lr 3e-3 (explicit: independent of the defaults),
+    cosine-decayed to 0 so the batch-norm running statistics settle with the weights."""
     from zoo.data import make_synthetic
 
-    torch.manual_seed(0)
-    data = make_synthetic(192, num_classes=3, seed=1)
+    n, batch, epochs = 96, 32, 24
+    data = make_synthetic(n, num_classes=3, seed=1 + seed)
     x, y = data["images"] * 2 - 1, data["labels"]
-    m = small()
+    torch.manual_seed(seed)  # the initialisation
+    m = zoo.create_model("protopnet", **GEOM, **SMALL, lr=3e-3, backbone_lr=3e-3, last_layer_lr=3e-3,
+                         weight_decay=1e-4)
     m.train()
-    m.enter_phase("joint")
-    m._loss_overrides = {"clst_weight": 0.0, "sep_weight": 0.0}
-    opt = torch.optim.AdamW(m.param_groups(), lr=3e-3)
-    for _ in range(12):
-        for i in range(0, 192, 32):
-            loss, _, _ = m.loss({"image": x[i:i + 32], "label": y[i:i + 32]})
+    m.enter_phase("joint", clst_weight=0.0, sep_weight=0.0)
+    opt = torch.optim.AdamW(m.param_groups())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * (n // batch))
+    for _ in range(epochs):
+        for i in range(0, n, batch):
+            loss, _, _ = m.loss({"image": x[i:i + batch], "label": y[i:i + batch]})
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     m.eval()
     with torch.no_grad():
-        acc = float((m(x).argmax(1) == y).float().mean())
-    assert acc > 0.9
+        return {"acc": float((m(x).argmax(1) == y).float().mean())}
+
+
+def test_protopnet_learns_tiny_synthetic_data():
+    """Seeds 0/1/2 fit the images perfectly (1.0; 9 of seeds 0–9 give 1.0, the worst 0.93): the threshold
+    leaves a wide margin for cross-machine differences and sits far above chance."""
+    acc = _fit_tiny_synthetic(SEED)["acc"]
+    assert acc >= 0.75, f"training accuracy {acc:.3f}; chance is 1/3"
 
 
 # ---------------------------------------------------------------------------- probabilistic prototypes
@@ -445,3 +460,68 @@ def test_figures_are_written(tmp_path):
     assert path.stat().st_size > 5000 and len(fig.axes) == 3 * 5
     gallery = prototype_gallery(m, tmp_path / "gallery.png", class_names=["a", "b", "c"])
     assert (tmp_path / "gallery.png").stat().st_size > 5000 and len(gallery.axes) == 3 * 2
+
+
+# ---------------------------------------------------------------------------- training machinery
+def test_prob_protopnet_logged_test_accuracy_is_the_predictive_accuracy(tmp_path):
+    """val/test metrics come from the S-sample predictive forward() returns, not from one random draw."""
+    from conftest import compose
+    from zoo.training import train
+
+    run = tmp_path / "run"
+    flat = train(compose(["model=prob_protopnet", "model.widths=[8,16]", "model.prototype_dim=8",
+                          "model.prototypes_per_class=2", "model.n_samples=4", "trainer.max_epochs=2",
+                          "model.schedule=[{phase:joint,epochs:2}]", "data.n_train=96", "data.n_val=32",
+                          "data.n_test=64", "callbacks=none", "logger=none", "evaluate.explanations=false",
+                          "evaluate.compare_baseline=false"], run))
+    model = zoo.load(run / "model")
+    from torch.utils.data import DataLoader
+
+    from zoo.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(n_train=96, n_val=32, n_test=64)
+    dm.setup()
+    batch = next(iter(DataLoader(dm.dataset("test"), batch_size=64)))
+    with torch.no_grad():
+        acc = float((model(batch["image"]).argmax(1) == batch["label"]).float().mean())
+    assert flat["prob_protopnet/acc"] == pytest.approx(acc, abs=1e-6)
+    with torch.no_grad():  # and it is deterministic: the same number twice
+        loss_a, logits_a, _ = model.loss(batch)
+        loss_b, logits_b, _ = model.loss(batch)
+    assert torch.equal(logits_a, logits_b) and torch.equal(logits_a, model(batch["image"]))
+
+
+def test_multilabel_batch_with_an_all_negative_row_has_finite_loss_and_gradients():
+    m = small(task="multilabel").train()
+    labels = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float)  # row 1: no label
+    loss, _, logs = m.loss({"image": images(4), "label": labels})
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logs["clst"]) and torch.isfinite(logs["sep"])
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    # rows without own (row 1) / other-class (row 2) prototypes leave the means
+    with torch.no_grad():
+        d_min = m._parts(m.features(images(4)))["d_min"]
+    own = (labels @ m.prototype_identity.T > 0)
+    clst, sep = m.prototype_loss(labels, d_min)
+    expected_clst = torch.stack([d_min[i][own[i]].min() for i in (0, 2, 3)]).mean()
+    expected_sep = torch.stack([d_min[i][~own[i]].min() for i in (0, 1, 3)]).mean()
+    torch.testing.assert_close(clst, expected_clst)
+    torch.testing.assert_close(sep, expected_sep)
+    none = torch.zeros(2, 3)  # no row has an own prototype: Clst is 0, not finfo.max
+    assert float(m.prototype_loss(none, d_min[:2])[0]) == 0.0
+
+
+@pytest.mark.parametrize("similarity", ["log_l2", "cosine"])
+def test_distances_are_fp32_under_autocast(similarity):
+    from zoo.models.prototypes.parts import distances, similarity_from_distance
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(2, 16, 4, 4, generator=g) * 10
+    p = z[0, :, 1, 2][None] + 1e-3 * torch.rand(3, 16, generator=g)  # near-exact matches: catastrophic cancellation
+    exact = similarity_from_distance(distances(z, p, similarity), similarity)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = distances(z.bfloat16(), p, similarity)
+        s = similarity_from_distance(d, similarity)
+    assert d.dtype == torch.float32 and s.dtype == torch.float32
+    torch.testing.assert_close(s, similarity_from_distance(distances(z.bfloat16().float(), p, similarity), similarity))
+    assert float((s - exact).abs().max()) < 0.5 * float(exact.abs().max())

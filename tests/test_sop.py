@@ -155,13 +155,13 @@ def test_phases_freeze_and_keep_batchnorm_in_eval():
     ft = _sop(finetune_backbone=True).train()
     ft.enter_phase("sop")
     assert all(p.requires_grad for p in ft.backbone.parameters()) and ft.backbone.training
-    with pytest.raises(ValueError, match="unknown SOP phase 'push'"):
+    with pytest.raises(ValueError, match="unknown phase 'push'; expected one of \\('backbone', 'sop'\\)"):
         _sop(schedule=[{"phase": "push", "epochs": 1}])
 
 
 def test_phase_for_epoch_and_per_phase_cosine():
     model = _sop(schedule=[{"phase": "backbone", "epochs": 2}, {"phase": "sop", "epochs": 3}])
-    assert [model.phase_for_epoch(e) for e in range(7)] == ["backbone"] * 2 + ["sop"] * 5
+    assert [model.training_schedule.phase_at(e).name for e in range(7)] == ["backbone"] * 2 + ["sop"] * 5
     def backbone_f(e):
         return model.phase_lr_factor(e, "backbone")
 

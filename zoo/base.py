@@ -7,15 +7,19 @@ A family writes ``compute_logits(x)`` and ``explain(x, target)`` (and, if it has
 
 from __future__ import annotations
 
+import inspect
+import random
 from typing import Any, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
 from zoo.explanation import Explanation
+from zoo.schedule import Phase, Schedule
 
 TASKS = ("multiclass", "multilabel")
 
@@ -31,6 +35,10 @@ class SelfExplainingModule(L.LightningModule):
     """
 
     model_name: str = "?"  # set by @register_model
+    # Hyperparameters the data decides (train.py passes them from the datamodule): no config default.
+    data_hparams: tuple[str, ...] = ("num_classes", "in_channels", "image_size", "task")
+    phases: tuple[str, ...] = ()  # phase names the ``schedule`` hyperparameter may use (zoo.schedule)
+    actions: tuple[str, ...] = ()  # one-off steps it may place between phases (e.g. "push")
     explanation_kind: str = "post-hoc"  # the Explanation.kind this family returns
     input_kind: str = "image"  # "image" (B,C,H,W) or "graph" (families that explain nodes)
 
@@ -44,7 +52,7 @@ class SelfExplainingModule(L.LightningModule):
         weight_decay: float = 1e-4,
         optimizer: str = "adamw",
         scheduler: str = "cosine",  # "cosine" over trainer.max_epochs, or "none"
-        schedule: Sequence[dict] | None = None,  # training phases as data, see `phase_at`
+        schedule: Sequence[dict] | None = None,  # training phases as data (zoo.schedule.Schedule)
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -55,6 +63,24 @@ class SelfExplainingModule(L.LightningModule):
         self.save_hyperparameters()
         self.num_classes, self.in_channels, self.image_size, self.task = num_classes, in_channels, image_size, task
         self.metrics = torch.nn.ModuleDict({split: self._make_metrics() for split in ("train_", "val_", "test_")})
+        self.training_schedule  # noqa: B018 — validates the schedule now, not at the first epoch
+        self._resumed_rng: dict[str, Any] | None = None
+
+    @classmethod
+    def default_hparams(cls) -> dict[str, Any]:
+        """Every hyperparameter default of the ``__init__`` chain (the subclass's value wins), less the
+        ``data_hparams``: what ``create_model(name)`` uses, read from the signatures alone."""
+        defaults: dict[str, Any] = {}
+        for klass in cls.__mro__:
+            if not issubclass(klass, SelfExplainingModule):
+                break
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            for param in inspect.signature(init).parameters.values():
+                if param.default is not inspect.Parameter.empty and param.name not in cls.data_hparams:
+                    defaults.setdefault(param.name, param.default)
+        return defaults
 
     # ------------------------------------------------------------------ contract
     def compute_logits(self, x: Tensor) -> Tensor:  # (B,C,H,W) -> (B,K)
@@ -137,9 +163,11 @@ class SelfExplainingModule(L.LightningModule):
         labels = batch["label"].long() if self.task == "multilabel" else batch["label"]
         metrics.update(self.probabilities(logits.detach()), labels)
         bs = logits.shape[0]
-        self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=bs)
+        # val/test are logged per epoch: under DDP their means are taken over every rank's batches.
+        sync = split != "train"
+        self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=bs, sync_dist=sync)
         for name, value in logs.items():
-            self.log(f"{split}/{name}", value, batch_size=bs)
+            self.log(f"{split}/{name}", value, batch_size=bs, sync_dist=sync)
         return loss
 
     def _log_epoch_metrics(self, split: str) -> None:
@@ -169,30 +197,46 @@ class SelfExplainingModule(L.LightningModule):
         self._log_epoch_metrics("test")
 
     # ------------------------------------------------------------------ training schedule as data
-    def phase_at(self, epoch: int) -> list[str]:
-        """Phases entered at `epoch`, from the ``schedule`` hyperparameter.
+    @property
+    def training_schedule(self) -> Schedule:
+        """The ``schedule`` hyperparameter as a :class:`~zoo.schedule.Schedule` over this family's
+        ``phases`` and ``actions`` (validated at construction)."""
+        return Schedule(self.hparams.get("schedule"), self.phases, self.actions)
 
-        ``schedule`` is a list like ``[{phase: warm, epochs: 5}, {phase: joint, epochs: 10},
-        {phase: push}, {phase: last_layer, epochs: 5}]``: an entry with ``epochs`` starts a phase that
-        lasts that many epochs; an entry without (an *action* such as push) runs at the boundary where
-        it stands. Families react in ``enter_phase``.
-        """
-        entered, start = [], 0
-        for entry in self.hparams.get("schedule") or []:
-            if start == epoch:
-                entered.append(entry["phase"])
-            start += int(entry.get("epochs", 0))
-        return entered
+    def apply_phase(self, phase: Phase | None) -> None:
+        """Hook: make ``phase`` the one in force — which parts train, its loss overrides. Called at every
+        epoch start with the phase in force then (so it must be idempotent), and with None (no phase:
+        every part trains) before fit, so that DDP sees every parameter that any phase trains."""
 
-    def schedule_epochs(self) -> int:
-        return sum(int(e.get("epochs", 0)) for e in self.hparams.get("schedule") or [])
+    def run_action(self, name: str) -> None:
+        """Hook: run the one-off step ``name`` (e.g. prototype push) the schedule places here."""
+        raise NotImplementedError(f"{self.model_name} declares action {name!r} but does not implement it")
 
-    def enter_phase(self, phase: str) -> None:
-        """Hook: freeze/unfreeze parts or run an action (e.g. prototype push). Default: nothing."""
+    def enter_phase(self, name: str, **overrides: Any) -> None:
+        """Put the model in phase ``name`` (with loss ``overrides``) or run action ``name`` by hand, for
+        a training loop of one's own; under a Trainer the schedule does this at every epoch start."""
+        if name in self.actions:
+            self.run_action(name)
+        elif name in self.phases:
+            self.apply_phase(Phase(name, 0, 0, None, overrides))
+        else:
+            raise ValueError(f"{self.model_name}: unknown phase {name!r}; expected one of {self.phases + self.actions}")
+
+    def setup(self, stage: str) -> None:
+        # DDP registers only the parameters that require grad when it wraps the model (after this hook):
+        # a part frozen then (e.g. by a phase re-applied from a checkpoint) would never be all-reduced
+        # once a later phase trains it. Phases freeze parts at epoch start instead, after the wrap.
+        if stage == "fit":
+            self.apply_phase(None)
 
     def on_train_epoch_start(self) -> None:
-        for phase in self.phase_at(self.current_epoch):
-            self.enter_phase(phase)
+        if self._resumed_rng is not None:  # first epoch after a resume: continue the interrupted RNG stream
+            set_rng_state(self._resumed_rng)
+            self._resumed_rng = None
+        schedule = self.training_schedule
+        for action in schedule.actions_at(self.current_epoch):
+            self.run_action(action)
+        self.apply_phase(schedule.phase_at(self.current_epoch))
 
     # ------------------------------------------------------------------ optimiser
     def param_groups(self) -> list[dict]:
@@ -220,5 +264,41 @@ class SelfExplainingModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The registry name travels with the Lightning checkpoint so `zoo.load` can rebuild the class.
+        # The registry name travels with the Lightning checkpoint so `zoo.load` can rebuild the class;
+        # the recipe and the RNG streams so that a resumed run continues exactly (weights_only-safe).
         checkpoint["zoo_model"] = self.model_name
+        checkpoint["zoo_schedule"] = self.training_schedule.entries
+        checkpoint["zoo_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("zoo_schedule")
+        if saved is not None and saved != self.training_schedule.entries:
+            raise ValueError(f"{self.model_name}: the checkpoint was trained with schedule {saved}, but this "
+                             f"model's is {self.training_schedule.entries}; resume with the same model.schedule")
+        self._resumed_rng = checkpoint.get("zoo_rng")
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU and CUDA), NumPy and Python RNG states as tensors and plain values, so that a
+    checkpoint holding them still loads with ``torch.load(weights_only=True)`` (NumPy's own state is a
+    tuple holding an ndarray, which that loader refuses)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

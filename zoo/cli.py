@@ -5,8 +5,28 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from zoo.data import DatasetNotFoundError
+
+
+def build(node: DictConfig, **kwargs: Any):
+    """``hydra.utils.instantiate`` that surfaces the user's error (bad dataset root, unknown model)
+    instead of Hydra's wrapper around it."""
+    try:
+        # _convert_="all": plain lists/dicts reach the model, so its hyperparameters stay plain values.
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 @contextmanager

@@ -175,12 +175,12 @@ _ORDER = {"acc": 0, "auroc": 1, "hit_rate": 2, "energy_in_mask": 3, "deletion_au
 def evaluate(cfg) -> dict[str, dict[str, float]]:
     """Body of evaluate.py: load a model (and optional baseline), print and return the table."""
     import lightning as L
-    from hydra.utils import instantiate
 
     from zoo import hub
+    from zoo.cli import build
 
     L.seed_everything(cfg.seed, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     model = hub.load(cfg.model_path)
     baseline = hub.load(cfg.baseline) if cfg.get("baseline") else None
     rows = {model.model_name: classification_metrics(model, datamodule)}

@@ -14,29 +14,14 @@ from typing import Any
 
 import lightning as L
 import yaml
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from zoo import evaluation, hub
+from zoo.cli import build
+from zoo.loggers import CSVLogger
 from zoo.registry import create_model, model_class
 
 log = logging.getLogger("zoo")
-
-
-def build(node: DictConfig, **kwargs: Any):
-    """``hydra.utils.instantiate`` that surfaces the user's error (bad dataset root, unknown model)
-    instead of Hydra's wrapper around it."""
-    try:
-        # _convert_="all": plain lists/dicts reach the model, so its hyperparameters stay plain values.
-        return instantiate(node, _convert_="all", **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
 
 
 def build_datamodule(cfg: DictConfig):
@@ -75,16 +60,25 @@ def build_trainer(cfg: DictConfig, run_dir: Path, with_callbacks: bool = True) -
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``resume=true`` continues from <run>/checkpoints/last.ckpt when it exists; a path resumes from it."""
+    """``resume=true`` continues from <run>/checkpoints/last.ckpt; a path resumes from that checkpoint."""
     resume = cfg.get("resume")
     if not resume:
         return None
-    if resume is True:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    if not Path(resume).exists():
-        raise FileNotFoundError(f"resume checkpoint not found: {resume}")
-    return str(resume)
+    path = run_dir / "checkpoints" / "last.ckpt" if resume is True else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume checkpoint not found: {path} (resume=true continues the run in "
+                                f"hydra.run.dir; drop resume to start a fresh run)")
+    return str(path)
+
+
+def _continue_logs(trainer: L.Trainer, ckpt_path: str) -> None:
+    """A resumed run continues the CSV history: keep the rows of the epochs the checkpoint holds."""
+    import torch
+
+    epoch = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"])
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.resume_at(epoch + 1)
 
 
 def _command() -> str:
@@ -116,7 +110,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    ckpt_path = _resume_path(cfg, run_dir)
+    if ckpt_path is not None:
+        _continue_logs(trainer, ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     results = {f"{k}": float(v) for k, v in trainer.test(model, datamodule=datamodule, verbose=False)[0].items()}
 
     rows: dict[str, dict[str, float]] = {model.model_name: {"acc": results.get("test/acc", float("nan")),
@@ -125,8 +122,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ev = cfg.get("evaluate") or {}
     image_model = getattr(model, "input_kind", "image") == "image"
     if ev.get("compare_baseline", True) and model.explanation_kind != "post-hoc" and image_model:
-        baseline, base_results = train_baseline(cfg, datamodule, run_dir)
+        baseline, base_results = train_baseline(cfg, datamodule, run_dir)  # every DDP rank takes part
         rows["cnn (black-box baseline)"] = {"acc": base_results["test/acc"], "auroc": base_results["test/auroc"]}
+    if not trainer.is_global_zero:  # DDP: one process measures, saves and prints
+        return results
     if not image_model:  # graph data: the image CNN behind the graph, and the family's own graph metrics
         if ev.get("compare_baseline", True) and hasattr(datamodule, "reference_rows"):
             rows.update(datamodule.reference_rows())

@@ -9,11 +9,12 @@ dict-returning dataset, the seeded subset helper and the base datamodule.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -89,6 +90,54 @@ class DictDataset(Dataset):
         return item
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """The shuffled order of epoch ``e`` as a function of (seed, e) alone, so that a run resumed at
+    epoch e sees the data in the order an uninterrupted run does (Lightning calls ``set_epoch``).
+
+    The order equals what ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``
+    gives in its e-th epoch under Lightning — that loader's generator, replayed: per epoch one int64
+    draw (the workers' base seed), the permutation, and RandomSampler's trailing empty permutation when
+    the last batch is a partial one (Lightning stops after ``len(loader)`` batches: with ``n`` a multiple
+    of ``batch_size`` the sampler is never run to its end) — so earlier runs keep their data order. Like that generator, a pass
+    without ``set_epoch`` before it (e.g. GdVAE's BatchNorm recalibration after fit) gets the next order."""
+
+    def __init__(self, n: int, seed: int = 0, batch_size: int = 1) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+        self._partial_last_batch = self.n % int(batch_size) != 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch):
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            torch.randperm(self.n, generator=g)
+            if self._partial_last_batch:
+                torch.randperm(self.n, generator=g)
+        torch.empty((), dtype=torch.int64).random_(generator=g)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation under DDP: rank r reads items r, r + world, …, each item exactly once. (The
+    DistributedSampler it refines pads the split with repeats, which would bias val/test metrics.)"""
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, shuffle=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class BaseDataModule(L.LightningDataModule):
     """Loaders, split access and ``denormalize`` shared by all datamodules.
 
@@ -131,14 +180,18 @@ class BaseDataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        # A fresh seeded generator per loader: the shuffle order is reproducible
-        # for a given seed yet differs from epoch to epoch (the generator advances).
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        dataset = self.dataset(split)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:  # DDP: Lightning keeps a DistributedSampler it is given (set_epoch is called on it)
+            sampler = DistributedSampler(dataset, shuffle=True, seed=self.seed) if shuffle else ShardSampler(dataset)
+        else:
+            sampler = EpochShuffleSampler(len(dataset), self.seed, self.batch_size) if shuffle else None
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
+            # Only seeds the workers (the order is the sampler's): never draws from the global RNG.
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -61,8 +61,10 @@ class CNNBaseline(_BlackBox):
     """The zoo CNN as a black box. Defaults reach ≥ 95 % on `synthetic` in a few CPU epochs."""
 
     def __init__(self, widths: Sequence[int] = (32, 64, 128), posthoc: str = "gradcam",
-                 cam_layer: str | None = None, **base) -> None:
-        super().__init__(posthoc, cam_layer, **base)
+                 cam_layer: str | None = None,  # None = last conv; evaluation also reports the best layer
+                 lr: float = 3e-3,  # from scratch: the budget of checkpoints/cnn-synthetic (timm keeps 1e-3)
+                 **base) -> None:
+        super().__init__(posthoc, cam_layer, lr=lr, **base)
         self._attach(build_backbone("zoo_cnn", self.in_channels, widths=tuple(widths)))
 
 
@@ -70,7 +72,8 @@ class CNNBaseline(_BlackBox):
 class TimmBaseline(_BlackBox):
     """Any timm backbone (e.g. resnet18, efficientnet_b0, vit_tiny_patch16_224) as a black box."""
 
-    def __init__(self, backbone: str = "resnet18", pretrained: bool = False, posthoc: str = "gradcam",
-                 cam_layer: str | None = None, **base) -> None:
+    def __init__(self, backbone: str = "resnet18",
+                 pretrained: bool = False,  # timm weights need internet: off by default
+                 posthoc: str = "gradcam", cam_layer: str | None = None, **base) -> None:
         super().__init__(posthoc, cam_layer, **base)
         self._attach(build_backbone(backbone, self.in_channels, pretrained=pretrained))

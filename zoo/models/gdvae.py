@@ -304,33 +304,38 @@ class GdVAE(SelfExplainingModule):
     """Gaussian Discriminant VAE (see the module docstring for the model, losses and deviations)."""
 
     explanation_kind = "counterfactual"
+    phases = ("vae", "consistency")  # the consistency terms join in the second (module docstring)
 
     def __init__(
         self,
-        latent_dim: int = 16,
-        widths: Sequence[int] = (32, 64, 128),
-        recon_sigma: float = 0.6,
-        recon_weight: float = 1.0,
-        kl_weight: float = 1.0,
-        prior_kl_weight: float = 1.0,
-        ce_weight: float = 50.0,
-        consistency_weight: float = 10.0,
+        latent_dim: int = 32,  # class dims + style dims (background grid, object positions/sizes)
+        widths: Sequence[int] = (32, 64, 128),  # three stride-2 stages: 32 px → 4×4, 28 px → 4×4, 64 px → 8×8
+        recon_sigma: float = 0.6,  # Gaussian decoder std, as in the reference (images in [-1, 1])
+        recon_weight: float = 1.0,  # −log p(x|z,y), summed over pixels
+        kl_weight: float = 1.0,  # KL(q(z|x) ‖ N(μ_y, Σ)): the term that pulls class-y codes to prototype μ_y
+        prior_kl_weight: float = 1.0,  # KL(N(μ_y, Σ) ‖ N(0, I)), scaled by latent_dim/pixels as in the reference
+        ce_weight: float = 50.0,  # reference: 0.1 under its ELBO scaling; with our per-image sums 0.1 stays at chance
+        consistency_weight: float = 10.0,  # re-encoded sampled CFs pulled back to z_δ; trains the decoder only
+        # KL(class posterior at z_δ ‖ classifier on the re-encoded CF); trains the decoder only
         consistency_class_weight: float = 0.0,
-        cf_probs: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
-        cf_method: str = "minimal",
-        attribution_reference: str = "reconstruction",
-        class_dims: int | None = 8,
-        prototype_init: float = 1.0,
-        decoder_film: bool = False,
-        decoder: str = "plain",
-        glyph_fraction: float = 0.5,
+        cf_probs: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),  # pairwise probabilities of the CF class shown
+        cf_method: str = "minimal",  # minimal-L2 latent move; "prototype" moves toward μ_k
+        attribution_reference: str = "reconstruction",  # |x_0.5 − x̂|; "input": |x_0.5 − x| (adds recon error)
+        class_dims: int | None = 8,  # dims read from the pooled map, carrying the class prototypes; the rest: mean 0
+        prototype_init: float = 1.0,  # std of the initial class centres (0.1 starts every class at one point)
+        decoder_film: bool = False,  # True: the class vector also scales/shifts every decoder stage (FiLM)
+        decoder: str = "plain",  # "object": background decoder + class glyph pasted where the encoder attends
+        glyph_fraction: float = 0.5,  # object decoder: the glyph window's side as a fraction of the image side
+        lr: float = 3e-3,  # as the cnn baseline
+        # weight decay would shrink the prototypes μ_k, which the prior KL already scales
+        weight_decay: float = 0.0,
+        # 3 epochs of VAE + classifier, then the consistency terms join (zoo.schedule). Switched on from the
+        # start they fight the classifier while the prototypes are still random (weight 20 from epoch 0
+        # left accuracy at chance).
+        schedule: Sequence[dict] | None = ({"phase": "vae", "epochs": 3}, {"phase": "consistency"}),
         **base,
     ) -> None:
-        # Default schedule (data, see SelfExplainingModule.phase_at): 3 epochs of VAE + classifier, then
-        # the consistency term joins. Switched on from the start it fights the classifier while the
-        # prototypes are still random (measured: weight 20 from epoch 0 left accuracy at chance).
-        base.setdefault("schedule", [{"phase": "vae", "epochs": 3}, {"phase": "consistency"}])
-        super().__init__(**base)
+        super().__init__(lr=lr, weight_decay=weight_decay, schedule=schedule, **base)
         if self.task != "multiclass":
             raise ValueError(f"gdvae: the Gaussian class prior needs one class per image (task='multiclass'), "
                              f"got task={self.task!r}")
@@ -561,14 +566,13 @@ class GdVAE(SelfExplainingModule):
             update_bn((batch["image"].to(self.device) for batch in loader), self.encoder)
 
     def consistency_active(self) -> bool:
-        """True from the epoch where the schedule's "consistency" phase starts (always outside a Trainer,
-        or when the schedule has no such phase). Derived from the epoch, so resuming keeps it right."""
-        start = 0
-        for entry in self.hparams.get("schedule") or []:
-            if entry["phase"] == "consistency":
-                return self._trainer is None or self.current_epoch >= start
-            start += int(entry.get("epochs", 0))
-        return True
+        """True while the schedule's "consistency" phase is in force (always outside a Trainer, or when
+        the schedule has no such phase). Derived from the epoch, so resuming keeps it right."""
+        schedule = self.training_schedule
+        if self._trainer is None or all(p.name != "consistency" for p in schedule.phases):
+            return True
+        phase = schedule.phase_at(self.current_epoch)
+        return phase is not None and phase.name == "consistency"
 
     def _consistency(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """‖m(Dec(z_δ)) − z_δ‖² for one counterfactual per image (a random other class, random δ), and the

@@ -36,10 +36,11 @@ class PatchAdditive(SelfExplainingModule):
     def __init__(
         self,
         patch_size: int = 8,  # 32 px → a 4×4 grid; a synthetic part (6–10 px) mostly fits in one or two patches
-        widths: Sequence[int] = (32, 64, 128),  # the zoo CNN applied to each patch on its own
+        widths: Sequence[int] = (32, 64, 128),  # the zoo CNN on each 8 px patch on its own (2×2 map after two pools)
+        lr: float = 3e-3,  # the cnn baseline's lr and budget
         **base: Any,
     ) -> None:
-        super().__init__(**base)
+        super().__init__(lr=lr, **base)
         if patch_size < 4 or self.image_size % patch_size:
             raise ValueError(f"patch_size must be ≥ 4 and divide image_size ({self.image_size}), got {patch_size}")
         self.patch_size = patch_size

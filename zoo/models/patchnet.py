@@ -94,18 +94,29 @@ class MedicalPatchNet(SelfExplainingModule):
 
     def __init__(
         self,
-        patch_size: int = 8,  # 8 px on 32 px images: a 4×4 grid; evidence objects are 6–10 px
-        backbone: str = "patch_cnn",  # "patch_cnn" (exact one-pass dense map), "zoo_cnn" or a timm name
-        widths: Sequence[int] = (32, 64, 128),  # stage widths of patch_cnn / zoo_cnn
+        # 8 px on 32 px images: a 4×4 grid; evidence objects are 6–10 px, so a patch sees a good part of one
+        patch_size: int = 8,
+        # "patch_cnn": unpadded per-patch CNN with receptive field exactly P, so the dense map is one conv
+        # pass (exact); "zoo_cnn" or a timm name
+        backbone: str = "patch_cnn",
+        # stage widths of patch_cnn / zoo_cnn; patch_cnn at P=8: 8→6→4→2→1 (each 3×3 followed by a 1×1)
+        widths: Sequence[int] = (32, 64, 128),
         pretrained: bool = False,  # timm weights (cannot be downloaded offline)
         pad_value: float = 0.0,  # fills the border when H is not a multiple of P (0 = mid-grey in [-1,1])
         dense_stride: int | None = None,  # window stride of the dense map; None: 1 for patch_cnn, ≤ P/2 otherwise
-        dense_padding: str = "replicate",  # what windows sticking out of the image see: replicate|reflect|constant|none
-        attribution_map: str = "auto",  # `attribution`: auto (refined with patch_cnn, else raw) | raw | refined | dense
-        blank_weight: float = 0.0,  # training penalty on the spread across classes of a blank patch's logits
+        # what windows sticking out of the image see: replicate|reflect|constant|none; replicate continues
+        # the border (a zero fill looks like an object)
+        dense_padding: str = "replicate",
+        # `attribution`: auto (refined with patch_cnn, else raw) | raw (patch-logit map) | refined (raw + the
+        # dense map's detail inside each patch; both exact: pixel mean = logit) | dense (overlapping windows)
+        attribution_map: str = "auto",
+        # training penalty on the spread across classes of a blank (grey) patch's logits; off by default
+        # (0.01 in experiment=patch_patchnet_synthetic)
+        blank_weight: float = 0.0,
+        lr: float = 3e-3,  # the cnn baseline's lr: same budget for the side-by-side rows
         **base,
     ) -> None:
-        super().__init__(**base)
+        super().__init__(lr=lr, **base)
         if patch_size < 2 or patch_size > self.image_size:
             raise ValueError(f"patch_size must be in 2..image_size ({self.image_size}), got {patch_size}")
         if attribution_map not in MAPS:

@@ -70,10 +70,18 @@ class GNN(SelfExplainingModule):
     explanation_kind = "post-hoc"
     uses_context = False
 
+    # node-feature and context sizes come from the graph datamodule (model_kwargs), like num_classes
+    data_hparams = SelfExplainingModule.data_hparams + ("num_node_features", "context_dim")
+
     def __init__(self, backbone: str = "gcn", num_node_features: int = 128, context_dim: int = 6,
-                 hidden: int = 64, layers: int = 2, heads: int = 4, dropout: float = 0.5,
+                 hidden: int = 64,  # paper: 2 layers, hidden 64
+                 layers: int = 2,
+                 heads: int = 4,  # GAT only
+                 dropout: float = 0.5,  # standard for full-batch GNNs on small graphs
+                 lr: float = 1e-2,  # full-batch GNN: few large steps (Kipf & Welling's GCN: 0.01)
+                 weight_decay: float = 5e-4,  # Kipf & Welling's GCN setting
                  **base) -> None:
-        super().__init__(**base)
+        super().__init__(lr=lr, weight_decay=weight_decay, **base)
         if backbone not in BACKBONES:
             raise ValueError(f"unknown GNN backbone {backbone!r}; expected one of {BACKBONES}")
         if layers < 1:
@@ -218,7 +226,8 @@ class XNode(GNN):
 
     def __init__(self, backbone: str = "gcn", num_node_features: int = 128, context_dim: int = 6,
                  hidden: int = 64, layers: int = 2, heads: int = 4, dropout: float = 0.5,
-                 reasoner_hidden: int = 64, explanation_dim: int = 32, recon_weight: float = 1.0,
+                 reasoner_hidden: int = 64, explanation_dim: int = 32,  # paper: Reasoner 6→64→32
+                 recon_weight: float = 1.0,  # faithfulness loss weight (MSE to the detached latent)
                  context_names: Sequence[str] | None = None, **base) -> None:
         self._e_dim = explanation_dim  # needed by _injected_dim while the convs are built
         super().__init__(backbone, num_node_features, context_dim, hidden, layers, heads, dropout, **base)

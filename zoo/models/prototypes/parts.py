@@ -35,20 +35,34 @@ from torch import Tensor, nn
 
 from zoo.base import SelfExplainingModule
 from zoo.explanation import Explanation
+from zoo.schedule import Phase
 
 from .push import PushResult, percentile_box, provenance_dicts, push_prototypes
 
 log = logging.getLogger("zoo.prototypes")
 
 SIMILARITIES = ("log_l2", "cosine")
-PHASES = ("warm", "joint", "push", "last_layer")
 LOSS_WEIGHTS = ("clst_weight", "sep_weight", "l1_weight")  # a schedule entry may override these
 LOG_EPS = 1e-4  # ProtoPNet's ε in log((d+1)/(d+ε)): the similarity of an exact match is log(1e4) ≈ 9.2
 
 
 # ---------------------------------------------------------------------- similarity layer
+def _fp32(fn):
+    """Run a distance in float32 even under autocast: ‖z‖² + ‖p‖² − 2⟨z,p⟩ cancels catastrophically in
+    fp16/bf16 (a near-match's distance is the small difference of two large terms), and the log-L2
+    similarity log((d+1)/(d+ε)) of a wrong near-zero d is off by orders of magnitude."""
+
+    def wrapped(z: Tensor, prototypes: Tensor) -> Tensor:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return fn(z.float(), prototypes.float())
+
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+@_fp32
 def l2_distances(z: Tensor, prototypes: Tensor) -> Tensor:
-    """‖z_hw − p_j‖² for every location and prototype, via ‖z‖² − 2⟨z,p⟩ + ‖p‖² (one matmul).
+    """‖z_hw − p_j‖² for every location and prototype, via ‖z‖² − 2⟨z,p⟩ + ‖p‖² (one matmul), in fp32.
 
     z (B,D,h,w), prototypes (P,D) → (B,P,h,w), ReLU'd against round-off below zero."""
     B, D, h, w = z.shape
@@ -60,8 +74,9 @@ def l2_distances(z: Tensor, prototypes: Tensor) -> Tensor:
     return d.clamp_min(0).view(B, -1, h, w)
 
 
+@_fp32
 def cosine_distances(z: Tensor, prototypes: Tensor) -> Tensor:
-    """1 − cos(z_hw, p_j) ∈ [0, 2]: (B,D,h,w), (P,D) → (B,P,h,w)."""
+    """1 − cos(z_hw, p_j) ∈ [0, 2] in fp32: (B,D,h,w), (P,D) → (B,P,h,w)."""
     return 1 - torch.einsum("bdhw,pd->bphw", F.normalize(z, dim=1), F.normalize(prototypes, dim=1))
 
 
@@ -70,8 +85,19 @@ def distances(z: Tensor, prototypes: Tensor, kind: str) -> Tensor:
 
 
 def similarity_from_distance(d: Tensor, kind: str) -> Tensor:
-    """log-L2: log((d+1)/(d+ε)) (large for close patches, → 0 far away); cosine: cos = 1 − d."""
-    return torch.log((d + 1) / (d + LOG_EPS)) if kind == "log_l2" else 1 - d
+    """log-L2: log((d+1)/(d+ε)) (large for close patches, → 0 far away); cosine: cos = 1 − d. fp32 like d."""
+    with torch.autocast(device_type=d.device.type, enabled=False):
+        d = d.float()
+        return torch.log((d + 1) / (d + LOG_EPS)) if kind == "log_l2" else 1 - d
+
+
+def masked_min_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean over rows of the min of ``values`` where ``mask`` (B,P); rows with no True entry are left out
+    (0 when none has one, still differentiable)."""
+    has = mask.any(1)
+    if not bool(has.any()):
+        return values.sum() * 0.0
+    return values[has].masked_fill(~mask[has], torch.finfo(values.dtype).max).min(1).values.mean()
 
 
 def class_identity(num_prototypes_per_class: int, num_classes: int) -> Tensor:
@@ -157,6 +183,8 @@ class PrototypeNetwork(SelfExplainingModule):
     :meth:`_build_head` after ``super().__init__``."""
 
     explanation_kind = "prototype"
+    phases = ("warm", "joint", "last_layer")
+    actions = ("push",)
     # Parts trained in each phase (ProtoPNet: warm = add-on + prototypes; joint = + backbone;
     # last_layer = the last layer only). Subclasses may change the sets (ProtoHead never trains its backbone).
     phase_parts: dict[str, tuple[str, ...]] = {
@@ -197,7 +225,7 @@ class PrototypeNetwork(SelfExplainingModule):
         else:
             self.push_images = None
         self._frozen: set[str] = set()
-        self._needs_push = False
+        self._loss_overrides: dict[str, float] = {}
 
     # ------------------------------------------------------------------ computation
     def features(self, x: Tensor) -> Tensor:  # (B,C,H,W) -> (B,D,h,w)
@@ -226,13 +254,14 @@ class PrototypeNetwork(SelfExplainingModule):
     # ------------------------------------------------------------------ loss
     def prototype_loss(self, labels: Tensor, d_min: Tensor) -> tuple[Tensor, Tensor]:
         """Cluster and separation costs: mean over images of the min distance to own-class
-        prototypes (Clst) and to other-class prototypes (Sep). d_min (B,P)."""
+        prototypes (Clst) and to other-class prototypes (Sep). d_min (B,P).
+
+        Multi-label: an image's own prototypes are those of all its positive labels. An image with no
+        positive label has no own prototype and leaves the Clst mean; one positive for every class has
+        no other-class prototype and leaves the Sep mean (a masked min over nothing is no distance)."""
         own = self.prototype_identity[:, labels].T.bool() if labels.ndim == 1 else \
             (labels.float() @ self.prototype_identity.T > 0)  # (B,P)
-        big = torch.finfo(d_min.dtype).max
-        clst = d_min.masked_fill(~own, big).min(1).values.mean()
-        sep = d_min.masked_fill(own, big).min(1).values.mean()
-        return clst, sep
+        return masked_min_mean(d_min, own), masked_min_mean(d_min, ~own)
 
     def l1_wrong_class(self) -> Tensor:
         """‖W ⊙ (1 − I)‖₁: only the weights from prototypes to classes they do not belong to."""
@@ -353,7 +382,6 @@ class PrototypeNetwork(SelfExplainingModule):
         self.push_cell.copy_(result.cell)
         if self.push_images is not None and result.source_images is not None:
             self.push_images.copy_(result.source_images.to(self.push_images.dtype))
-        self._needs_push = False
         return result
 
     def set_prototype_vectors(self, vectors: Tensor) -> None:
@@ -382,25 +410,36 @@ class PrototypeNetwork(SelfExplainingModule):
             getattr(self, name).eval()
         return self
 
-    def enter_phase(self, phase: str) -> None:
-        if phase == "push":
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            if dm is None or not hasattr(dm, "dataset"):
-                raise RuntimeError("push needs the trainer's datamodule (with .dataset('train'))")
-            result = self.push(dm.dataset("train"), batch_size=self.hparams.get("push_batch_size", 256))
-            log.info("push at epoch %d: mean distance %.4f, %d duplicate group(s)", self.current_epoch,
-                     float(result.distance[result.index >= 0].mean()), len(result.duplicates))
-            self._save_gallery(dm)
-            return
-        if phase not in self.phase_parts:
-            raise ValueError(f"unknown phase {phase!r}; expected one of {tuple(self.phase_parts) + ('push',)}")
-        self.set_trainable(self.phase_parts[phase])
+    def apply_phase(self, phase: Phase | None) -> None:
+        # None (no phase in force): every part trains, the hyperparameters' loss weights.
+        self.set_trainable(self.phase_parts[phase.name] if phase is not None else tuple(self.part_modules()))
         # A schedule entry may override loss weights for its epochs, e.g. {phase: joint, epochs: 2,
         # clst_weight: 0, sep_weight: 0}: CE-only epochs first when the backbone starts from scratch.
-        entry = self.schedule_entry(phase)
-        self._loss_overrides = {k: float(entry[k]) for k in LOSS_WEIGHTS if k in entry}
-        if "prototypes" in self.phase_parts[phase]:
-            self._needs_push = True
+        overrides = phase.overrides if phase is not None else {}
+        unknown = set(overrides) - set(LOSS_WEIGHTS)
+        if unknown:
+            raise ValueError(f"{self.model_name}: schedule phase {phase.name!r} overrides unknown key(s) "
+                             f"{sorted(unknown)}; a phase may override {LOSS_WEIGHTS}")
+        self._loss_overrides = {k: float(v) for k, v in overrides.items()}
+
+    def run_action(self, name: str) -> None:  # the only action: "push"
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "dataset"):
+            raise RuntimeError("push needs the trainer's datamodule (with .dataset('train'))")
+        result = self.push(dm.dataset("train"), batch_size=self.hparams.get("push_batch_size", 256))
+        log.info("push at epoch %d: mean distance %.4f, %d duplicate group(s)", self.current_epoch,
+                 float(result.distance[result.index >= 0].mean()), len(result.duplicates))
+        self._save_gallery(dm)
+
+    def prototypes_moved_since_push(self, epochs_run: int) -> bool:
+        """Whether a phase that trains the prototypes ran after the last scheduled push, among the first
+        ``epochs_run`` epochs. Derived from the schedule alone, so a resumed run agrees."""
+        schedule = self.training_schedule
+        for epoch in schedule.epochs_since_action("push", epochs_run):
+            phase = schedule.phase_at(epoch)
+            if phase is None or "prototypes" in self.phase_parts[phase.name]:
+                return True
+        return False
 
     def _save_gallery(self, datamodule) -> None:
         """The prototype gallery of this push as a PNG in the run folder (rank 0 only)."""
@@ -413,32 +452,25 @@ class PrototypeNetwork(SelfExplainingModule):
         path = Path(self.trainer.default_root_dir) / "figures" / f"prototype-gallery-epoch{self.current_epoch:03d}.png"
         prototype_gallery(self, path, class_names=getattr(datamodule, "class_names", None))
 
-    def schedule_entry(self, phase: str, epoch: int | None = None) -> dict:
-        """The schedule entry of `phase` that starts at `epoch` (default: the current epoch)."""
-        epoch = self.current_epoch if epoch is None else epoch
-        start = 0
-        for entry in self.hparams.get("schedule") or []:
-            if start == epoch and entry["phase"] == phase:
-                return dict(entry)
-            start += int(entry.get("epochs", 0))
-        return {"phase": phase}
-
     def loss_weight(self, name: str) -> float:
-        return getattr(self, "_loss_overrides", {}).get(name, self.hparams[name])
+        return self._loss_overrides.get(name, self.hparams[name])
 
     def on_fit_start(self) -> None:
         entries = self.hparams.get("schedule") or []
+        total = self.training_schedule.total_epochs
         if entries and self.trainer is not None and self.trainer.max_epochs is not None \
-                and self.schedule_epochs() > self.trainer.max_epochs:
+                and total > self.trainer.max_epochs:
             log.warning("%s: schedule has %d epochs but trainer.max_epochs=%d; later phases will not run",
-                        self.model_name, self.schedule_epochs(), self.trainer.max_epochs)
+                        self.model_name, total, self.trainer.max_epochs)
 
     def on_fit_end(self) -> None:
         # A network whose prototypes were trained after the last push is not a "this looks like that"
         # model yet (prototypes are not real patches): push once more (the last layer is not refit).
-        if self._needs_push and self.hparams.get("push_at_end", True) and self._trainer is not None:
+        if self._trainer is None or not self.hparams.get("push_at_end", True):
+            return
+        if self.prototypes_moved_since_push(self.trainer.fit_loop.epoch_progress.current.completed):
             log.warning("%s: prototypes changed after the last push; pushing at the end of fit", self.model_name)
-            self.enter_phase("push")
+            self.run_action("push")
 
     def param_groups(self) -> list[dict]:
         hp = self.hparams

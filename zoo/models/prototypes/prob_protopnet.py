@@ -44,7 +44,7 @@ class ProbProtoPNet(PrototypeNetwork):
     def __init__(
         self,
         backbone: str = "zoo_cnn",
-        widths: Sequence[int] = (32, 64),  # see ProtoPNet
+        widths: Sequence[int] = (32, 64),  # see ProtoPNet: 16×16 grid at 32 px
         pretrained: bool = False,
         prototype_dim: int = 64,
         prototypes_per_class: int = 10,
@@ -53,21 +53,26 @@ class ProbProtoPNet(PrototypeNetwork):
         clst_weight: float = 0.8,
         sep_weight: float = 0.08,
         l1_weight: float = 1e-4,
-        kl_weight: float = 1e-3,  # per prototype dimension; small: σ is a scale, not the point of the loss
+        # per prototype dimension; keeps σ near prior_std (without it σ collapses and uncertainty vanishes),
+        # small: σ is a scale, not the point of the loss
+        kl_weight: float = 1e-3,
         prior_std: float = 0.1,  # σ the KL pulls towards; features live in (0,1), so 0.1 is a sizeable spread
         init_std: float = 0.05,
         n_samples: int = 16,  # S prototype draws at inference (MC estimate of the predictive)
-        sample_seed: int = 0,  # seeds the stored ε (S,P,D) so inference is deterministic
+        sample_seed: int = 0,  # seeds the stored ε (S,P,D) so inference is deterministic and reproducible
         backbone_lr: float = 1e-3,
         last_layer_lr: float = 1e-3,
         push_batch_size: int = 256,
         push_at_end: bool = True,
         keep_push_images: bool = True,
         schedule: Sequence[dict] | None = DEFAULT_SCHEDULE,
+        lr: float = 3e-3,  # add-on and prototypes, as ProtoPNet
+        scheduler: str = "none",  # as ProtoPNet: the phases set the trained parts
         **base,
     ) -> None:
-        base.setdefault("lr", 3e-3)
-        super().__init__(schedule=schedule, **base)
+        super().__init__(schedule=schedule, lr=lr, scheduler=scheduler, **base)
+        if self.task != "multiclass":  # the predictive is a mixture of softmaxes: one class per image
+            raise ValueError(f"prob_protopnet supports task='multiclass' only, got {self.task!r}")
         if n_samples < 2:
             raise ValueError(f"n_samples must be ≥ 2 to estimate uncertainty, got {n_samples}")
         if prior_std <= 0 or init_std <= 0:
@@ -115,6 +120,9 @@ class ProbProtoPNet(PrototypeNetwork):
         hp = self.hparams
         x, y = batch["image"], batch["label"]
         self.validate_input(x)
+        if not self.training:  # val/test: the S-sample predictive forward() returns, not one random draw
+            logits = self.compute_logits(x)  # log predictive probabilities: CE on them is its NLL
+            return self.task_loss(logits, y), logits, {}
         sample = self.prototype_samples(torch.randn_like(self.eps[0])[None])[0]  # (P,D) reparameterised
         parts = self._parts(self.features(x), sample)
         ce = self.task_loss(parts["logits"], y)

@@ -46,7 +46,7 @@ class ProtoHead(PrototypeNetwork):
         backbone_checkpoint: str | None = "cnn-synthetic",  # zoo folder/name whose `backbone.*` weights to load
         prototype_dim: int = 64,  # projection width of the head
         prototypes_per_class: int = 10,
-        similarity: str = "cosine",  # ProtoFM: cosine over patch tokens
+        similarity: str = "cosine",  # ProtoFM: cosine over patch tokens / feature cells
         incorrect_weight: float = -0.5,
         last_layer_scale: float = 10.0,  # temperature for cosine similarities in [-1, 1]
         clst_weight: float = 0.8,
@@ -57,12 +57,14 @@ class ProtoHead(PrototypeNetwork):
         push_batch_size: int = 256,
         push_at_end: bool = True,
         keep_push_images: bool = True,
+        # joint = the head (projection + prototypes + last layer; backbone frozen) → push → last layer
         schedule: Sequence[dict] | None = ({"phase": "joint", "epochs": 4}, {"phase": "push"},
                                            {"phase": "last_layer", "epochs": 1}),
+        lr: float = 3e-3,  # head: projection + prototypes
+        scheduler: str = "none",  # as ProtoPNet: the phases set the trained parts
         **base,
     ) -> None:
-        base.setdefault("lr", 3e-3)
-        super().__init__(schedule=schedule, **base)
+        super().__init__(schedule=schedule, lr=lr, scheduler=scheduler, **base)
         self.backbone = build_backbone(backbone, self.in_channels, pretrained=pretrained,
                                        **({"widths": tuple(widths)} if backbone == "zoo_cnn" else {}))
         if backbone_checkpoint:
