@@ -276,7 +276,7 @@ def test_medmnist_missing_file_error(tmp_path: Path) -> None:
     assert str(missing / "pneumoniamnist.npz") in msg and "ZOO_DATA_DIR" in msg and "download" in msg
     assert isinstance(err.value, FileNotFoundError)
     with pytest.raises(DatasetNotFoundError, match="pneumoniamnist_64.npz"):
-        MedMNISTDataModule("pneumoniamnist", size=64, root=str(tmp_path))
+        MedMNISTDataModule("pneumoniamnist", image_size=64, root=str(tmp_path))
 
 
 def test_medmnist_root_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,8 +290,8 @@ def test_medmnist_bad_flags() -> None:
         MedMNISTDataModule("notmnist")
     with pytest.raises(ValueError, match="3D"):
         MedMNISTDataModule("organmnist3d")
-    with pytest.raises(ValueError, match="size"):
-        MedMNISTDataModule("breastmnist", size=32)
+    with pytest.raises(ValueError, match=r"image_size must be one of \[28, 64, 128, 224\] for MedMNIST, got 32"):
+        MedMNISTDataModule("breastmnist", image_size=32)
 
 
 def _write_fake_npz(path: Path, n: int, shape: tuple[int, ...], n_labels: int, n_classes: int) -> None:
@@ -307,7 +307,7 @@ def test_medmnist_multilabel_and_size_naming(tmp_path: Path) -> None:
     # A tiny stand-in with the official keys: exercises ChestMNIST's multi-label
     # path and the <flag>_<size>.npz naming without the real (large) files.
     _write_fake_npz(tmp_path / "chestmnist_64.npz", n=10, shape=(64, 64), n_labels=14, n_classes=2)
-    dm = MedMNISTDataModule("chestmnist", size=64, root=str(tmp_path), batch_size=4)
+    dm = MedMNISTDataModule("chestmnist", image_size=64, root=str(tmp_path), batch_size=4)
     assert dm.task == "multilabel" and dm.num_classes == 14 and dm.image_size == 64
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 1, 64, 64)

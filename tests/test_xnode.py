@@ -322,7 +322,7 @@ def test_graph_model_on_image_data_gets_the_knn_image_graph(medmnist_dir, tmp_pa
     dm = build_datamodule(cfg)
     assert isinstance(dm, GraphDataModule)
     assert dm.name == "breastmnist" and dm.num_classes == 2
-    assert dm.recipe["image_kwargs"]["size"] == 28
+    assert dm.recipe["image_kwargs"]["image_size"] == 28
     image_dm = build_datamodule(compose(["data=breastmnist", "model=cnn", f"data.root={medmnist_dir}"],
                                         tmp_path / "run2"))
     assert not isinstance(image_dm, GraphDataModule)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import random
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -22,6 +22,9 @@ from zoo.explanation import Explanation
 from zoo.schedule import Phase, Schedule
 
 TASKS = ("multiclass", "multilabel")
+# Inputs live in [-1, 1]; perturbations around them (EvalProtoPNet's ±0.25 noise, path integrals) stay
+# inside ±2, while a 0..255 image or an ImageNet-standardised one (up to ≈ 2.6) does not.
+INPUT_LIMIT = 2.0
 
 
 class SelfExplainingModule(L.LightningModule):
@@ -67,10 +70,9 @@ class SelfExplainingModule(L.LightningModule):
         self._resumed_rng: dict[str, Any] | None = None
 
     @classmethod
-    def default_hparams(cls) -> dict[str, Any]:
-        """Every hyperparameter default of the ``__init__`` chain (the subclass's value wins), less the
-        ``data_hparams``: what ``create_model(name)`` uses, read from the signatures alone."""
-        defaults: dict[str, Any] = {}
+    def init_parameters(cls) -> dict[str, inspect.Parameter]:
+        """The named parameters of the ``__init__`` chain, the subclass's entry winning."""
+        params: dict[str, inspect.Parameter] = {}
         for klass in cls.__mro__:
             if not issubclass(klass, SelfExplainingModule):
                 break
@@ -78,9 +80,31 @@ class SelfExplainingModule(L.LightningModule):
             if init is None:
                 continue
             for param in inspect.signature(init).parameters.values():
-                if param.default is not inspect.Parameter.empty and param.name not in cls.data_hparams:
-                    defaults.setdefault(param.name, param.default)
-        return defaults
+                if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.name != "self":
+                    params.setdefault(param.name, param)
+        return params
+
+    @classmethod
+    def default_hparams(cls) -> dict[str, Any]:
+        """Every hyperparameter default of the ``__init__`` chain, less the ``data_hparams``: what
+        ``create_model(name)`` uses, read from the signatures alone."""
+        return {name: p.default for name, p in cls.init_parameters().items()
+                if p.default is not inspect.Parameter.empty and name not in cls.data_hparams}
+
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
+        """One clear ValueError for an unknown hyperparameter or a value of the wrong kind (a config typo
+        such as ``model.lr=abc``), instead of a TypeError deep inside the optimiser. Kinds come from the
+        signature's annotations (``float`` accepts ints; unknown annotations are not checked)."""
+        params = cls.init_parameters()
+        for name, value in hparams.items():
+            if name not in params:
+                raise ValueError(f"{cls.model_name}: unknown hyperparameter {name!r}; it takes "
+                                 f"{', '.join(sorted(params))}")
+            kinds = _annotation_kinds(params[name].annotation)
+            if kinds is not None and not (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+                raise ValueError(f"{cls.model_name}: hyperparameter {name} must be {params[name].annotation}, "
+                                 f"got {value!r} ({type(value).__name__})")
 
     # ------------------------------------------------------------------ contract
     def compute_logits(self, x: Tensor) -> Tensor:  # (B,C,H,W) -> (B,K)
@@ -114,8 +138,20 @@ class SelfExplainingModule(L.LightningModule):
                 f"{self.model_name}: expected {self.image_size}×{self.image_size} images, "
                 f"got {x.shape[-2]}×{x.shape[-1]}"
             )
-        if not torch.isfinite(x).all():
+        if x.shape[0] == 0:
+            raise ValueError(f"{self.model_name}: empty batch (shape {tuple(x.shape)})")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.model_name}: expected float images normalised to [-1, 1], got dtype {x.dtype} "
+                             "(uint8 images: zoo.data.normalize(x / 255))")
+        if x.dtype != self.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{self.model_name}: expected {self.dtype} images (the model's dtype), got {x.dtype}; "
+                             "use x.to(model.dtype)")
+        lo, hi = torch.aminmax(x.detach())  # one pass; NaN and ±inf propagate into lo/hi
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
             raise ValueError(f"{self.model_name}: input contains NaN or infinite values")
+        if lo < -INPUT_LIMIT or hi > INPUT_LIMIT:
+            raise ValueError(f"{self.model_name}: expected images normalised to [-1, 1] (zoo.data.normalize), got "
+                             f"values in [{float(lo):.4g}, {float(hi):.4g}] — scaled 0..255 or ImageNet-standardised?")
 
     def validate_labels(self, y: Tensor) -> None:
         if self.task == "multiclass" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
@@ -276,6 +312,53 @@ class SelfExplainingModule(L.LightningModule):
             raise ValueError(f"{self.model_name}: the checkpoint was trained with schedule {saved}, but this "
                              f"model's is {self.training_schedule.entries}; resume with the same model.schedule")
         self._resumed_rng = checkpoint.get("zoo_rng")
+
+    # ------------------------------------------------------------------ optional family hooks
+    # zoo.training and zoo.evaluation call these on every model (never probing for them); the defaults
+    # add nothing. A family overrides the ones it has, with its rows computed in its own report.py.
+    # Extra rows of the explanation-metrics table: label -> keyword arguments of ``explain`` (e.g.
+    # MedicalPatchNet's dense map). Each gets a row of its own; these rows do not enter the model card.
+    explanation_variants: dict[str, dict] = {}
+
+    def report_rows(self, datamodule) -> dict[str, dict[str, float]]:
+        """Rows of the family's own metrics on non-image data (X-Node's graph metrics), after testing."""
+        return {}
+
+    def image_report_rows(self, datamodule, baseline=None, n_images: int = 256) -> dict[str, dict[str, float]]:
+        """Rows of the family's own metrics on image data, after the explanation metrics; ``baseline`` is
+        the black-box CNN trained in the same run (or None)."""
+        return {}
+
+    def card_metrics(self, results: Mapping[str, float], rows: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        """What the model card records, as an explicit return value: the test accuracy / AUROC of
+        ``results`` (the Trainer's test metrics) and every column of this model's own rows, the ones
+        named ``"<model_name> (<what>)"`` (its explanation, its family report), in table order."""
+        card = {"test_acc": results.get("test/acc"), "test_auroc": results.get("test/auroc")}
+        for name, row in rows.items():
+            if name.startswith(self.model_name + " ("):
+                card.update(row)
+        return {k: v for k, v in card.items() if v is not None}
+
+
+_KINDS: dict[str, tuple[type, ...]] = {
+    "float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "None": (type(None),),
+    "dict": (dict, Mapping), "Mapping": (dict, Mapping), "list": (list, tuple), "tuple": (list, tuple),
+    "Sequence": (list, tuple),
+}
+
+
+def _annotation_kinds(annotation: Any) -> tuple[type, ...] | None:
+    """The Python types a signature annotation such as ``"str | float"`` or ``"Sequence[int] | None"``
+    admits; None when it says nothing checkable (no annotation, Any, a class of its own)."""
+    if not isinstance(annotation, str):
+        return None
+    kinds: list[type] = []
+    for part in annotation.split("|"):
+        base = part.strip().split("[", 1)[0]
+        if base not in _KINDS:
+            return None
+        kinds.extend(_KINDS[base])
+    return tuple(kinds)
 
 
 def rng_state() -> dict[str, Any]:

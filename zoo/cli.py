@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -27,6 +28,14 @@ def build(node: DictConfig, **kwargs: Any):
         if cause is not None:
             raise cause from None
         raise
+
+
+def report(text: str) -> None:
+    """To the run's log (under Hydra: train.log, echoed on the console), else to stdout."""
+    if logging.getLogger().hasHandlers():
+        logging.getLogger("zoo").info("%s", text)
+    else:
+        print(text)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ Used by ``train(cfg)`` at the end of a run and by ``evaluate.py`` on a saved mod
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -177,7 +178,7 @@ def evaluate(cfg) -> dict[str, dict[str, float]]:
     import lightning as L
 
     from zoo import hub
-    from zoo.cli import build
+    from zoo.cli import build, report
 
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = build(cfg.data)
@@ -186,7 +187,31 @@ def evaluate(cfg) -> dict[str, dict[str, float]]:
     rows = {model.model_name: classification_metrics(model, datamodule)}
     if baseline is not None:
         rows[f"{baseline.model_name} (baseline)"] = classification_metrics(baseline, datamodule)
-    if model.task == "multiclass":
+    if model.task == "multiclass" and cfg.get("explanations", True):
         rows.update(explanation_report(model, datamodule, cfg.n_images, cfg.steps, baseline=baseline))
-    print(format_table(f"{cfg.model_path} on {getattr(datamodule, 'name', 'data')} (test split)", rows))
+    table = format_table(f"{cfg.model_path} on {getattr(datamodule, 'name', 'data')} (test split)", rows)
+    written = write_results(rows, Path(cfg.paths.output_dir), source=str(cfg.model_path),
+                            data=getattr(datamodule, "name", None))
+    report(f"{table}\nresults written to {written[0]} and {written[1].name}"
+           + ("" if not cfg.get("explanations", True) else " (explanations=false: accuracy/AUROC only, fast)"))
     return rows
+
+
+def write_results(rows: dict[str, dict[str, float]], folder: Path, **about: str | None) -> tuple[Path, Path]:
+    """The table as results.yaml (rows of metrics, plus what was measured) and results.csv (one row a
+    model/method, one column a metric)."""
+    import csv
+
+    import yaml
+
+    from zoo import hub
+
+    folder.mkdir(parents=True, exist_ok=True)
+    yaml_path, csv_path = folder / "results.yaml", folder / "results.csv"
+    yaml_path.write_text(yaml.safe_dump(hub.plain({**about, "rows": rows}), sort_keys=False))
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", *columns])
+        writer.writerows([name, *(row.get(c, "") for c in columns)] for name, row in rows.items())
+    return yaml_path, csv_path

@@ -9,6 +9,7 @@ names (``zoo.load("cnn-synthetic")``) resolve to folders under the repository's 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,6 +52,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved model is a normal, shareable file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -100,23 +104,68 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """A ready model in eval mode from a saved folder, a pretrained name, or a Lightning .ckpt file."""
+    """A ready model in eval mode from a saved folder, a pretrained name, or a Lightning .ckpt file.
+
+    A broken folder or checkpoint is one ValueError naming the file and what is wrong with it."""
     path = _resolve(name_or_path)
     if path.is_file() and path.suffix == ".ckpt":
         return load_lightning_checkpoint(path, map_location)
     if path.is_file():
         path = path.parent
-    config = yaml.safe_load((path / CONFIG).read_text())
-    model = create_model(config["model"], **config["hparams"])
-    model.load_state_dict(load_file(path / WEIGHTS, device=str(map_location)))
+    config_file, weights_file = path / CONFIG, path / WEIGHTS
+    for needed in (config_file, weights_file):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed}: missing — a saved zoo model folder holds {CONFIG} and {WEIGHTS}")
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{config_file}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), str) \
+            or not isinstance(config.get("hparams"), dict):
+        raise ValueError(f"{config_file}: expected a mapping with 'model' (a registered name) and 'hparams'")
+    model = _build(config["model"], config["hparams"], config_file)
+    try:
+        state = load_file(weights_file, device=str(map_location))
+    except Exception as err:  # safetensors raises its own SafetensorError (truncated, not safetensors)
+        raise ValueError(f"{weights_file}: unreadable safetensors file ({err})") from None
+    _load_state(model, state, weights_file)
     return model.to(map_location).eval()
+
+
+def _build(name: str, hparams: dict, source: Path):
+    try:
+        return create_model(name, **hparams)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def _load_state(model, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing / unexpected keys, shape mismatch
+        first = str(err).strip().splitlines()
+        raise ValueError(f"{source}: weights do not fit the {model.model_name} its config describes "
+                         f"({' '.join(line.strip() for line in first[:3])[:400]})") from None
 
 
 def load_lightning_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild a model from a Lightning checkpoint without unpickling code (weights_only=True)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if "zoo_model" not in ckpt:
-        raise ValueError(f"{path} is not a zoo checkpoint (no 'zoo_model' entry)")
-    model = create_model(ckpt["zoo_model"], **dict(ckpt.get("hyper_parameters", {})))
-    model.load_state_dict(ckpt["state_dict"])
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a pickle of objects at all: a corrupt file
+            raise ValueError(f"{path}: not a readable torch checkpoint (corrupt or not a torch file)") from None
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never do that.
+        raise ValueError(f"{path}: holds pickled objects beyond plain tensors and values; the zoo only reads "
+                         "weights-only checkpoints and never unpickles code. Save models with zoo.save "
+                         "(safetensors) or checkpoints holding tensors and plain values only") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({' '.join(str(err).split())[:300]})") from None
+    if not isinstance(ckpt, dict) or "zoo_model" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not a zoo checkpoint (no 'zoo_model' and 'state_dict' entries)")
+    model = _build(ckpt["zoo_model"], dict(ckpt.get("hyper_parameters", {})), path)
+    _load_state(model, ckpt["state_dict"], path)
     return model.to(map_location).eval()

@@ -55,5 +55,8 @@ def model_class(name: str) -> type:
 
 
 def create_model(name: str, **kwargs: Any):
-    """Build registered model `name` with hyperparameters `kwargs` (plain values only)."""
-    return model_class(name)(**kwargs)
+    """Build registered model `name` with hyperparameters `kwargs` (plain values only). An unknown
+    hyperparameter or a value of the wrong kind is one clear ValueError."""
+    cls = model_class(name)
+    cls.check_hparams(kwargs)
+    return cls(**kwargs)

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from zoo import evaluation, hub
-from zoo.cli import build
+from zoo.cli import build, report
 from zoo.loggers import CSVLogger
 from zoo.registry import create_model, model_class
 
@@ -60,14 +60,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path, with_callbacks: bool = True) -
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``resume=true`` continues from <run>/checkpoints/last.ckpt; a path resumes from that checkpoint."""
+    """``resume=true`` continues from <run>/checkpoints/last.ckpt (an error if missing), ``resume=auto``
+    too when it exists, a path resumes from that checkpoint."""
     resume = cfg.get("resume")
     if not resume:
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if resume is True else Path(resume)
+    path = run_dir / "checkpoints" / "last.ckpt" if resume in (True, "auto") else Path(resume)
+    if resume == "auto" and not path.is_file():  # e.g. a preemptible job's first start
+        return None
     if not path.is_file():
         raise FileNotFoundError(f"resume checkpoint not found: {path} (resume=true continues the run in "
-                                f"hydra.run.dir; drop resume to start a fresh run)")
+                                f"hydra.run.dir; resume=auto starts fresh when there is none)")
     return str(path)
 
 
@@ -102,6 +105,8 @@ def train_baseline(cfg: DictConfig, datamodule, run_dir: Path):
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, test, measure and save one model. Returns the flat metrics dict (also in metrics.yaml)."""
     started = time.perf_counter()
+    _route_lightning_logs()
+    publish_to = _publish_target(cfg)  # before training: a refused publish must not cost a run
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.paths.output_dir)
@@ -149,17 +154,44 @@ def train(cfg: DictConfig) -> dict[str, float]:
                      command=_command(), data=getattr(datamodule, "name", None))
     if hasattr(datamodule, "export"):  # data a model needs besides its weights (e.g. a graph recipe)
         datamodule.export(saved)
-    if cfg.get("publish"):  # e.g. publish=cnn-synthetic → checkpoints/cnn-synthetic/
-        published = hub.save(model, hub.pretrained_root() / cfg.publish,
+    if publish_to is not None:  # e.g. publish=cnn-synthetic → checkpoints/cnn-synthetic/
+        published = hub.save(model, publish_to,
                              metrics={k: v for k, v in own.items() if v is not None},
                              command=_command(), data=getattr(datamodule, "name", None))
         if hasattr(datamodule, "export"):
             datamodule.export(published)
     (run_dir / "metrics.yaml").write_text(yaml.safe_dump(hub.plain(flat), sort_keys=False))
     table = evaluation.format_table(f"results on {getattr(datamodule, 'name', 'data')} (test split)", rows)
-    print(table)
-    print(f"model saved to {saved} · figures in {run_dir / 'figures'} · {flat['seconds']:.0f} s")
+    report(table)
+    report(f"model saved to {saved} · figures in {run_dir / 'figures'} · {flat['seconds']:.0f} s"
+           + ("" if not ev.get("explanations", True) else
+              " (quick runs: evaluate.explanations=false skips the metric pass, trainer=fast shortens training)"))
     return flat
+
+
+def _route_lightning_logs() -> None:
+    """Lightning gives its loggers a console handler of their own and stops them propagating when it is
+    imported before logging is configured (always, under Hydra), so its messages never reached train.log.
+    Once the root logger has handlers (Hydra's console + train.log), hand Lightning's messages to them."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def _publish_target(cfg: DictConfig) -> Path | None:
+    """``publish=<name>`` saves to checkpoints/<name>/; an existing folder is replaced only with
+    ``publish_overwrite=true`` (every shipped version stays in git history, but not in the tree)."""
+    if not cfg.get("publish"):
+        return None
+    target = hub.pretrained_root() / str(cfg.publish)
+    if target.exists() and any(target.iterdir()) and not cfg.get("publish_overwrite", False):
+        raise ValueError(f"publish: {target} already exists; pass publish_overwrite=true to replace it, "
+                         f"or publish under another name")
+    return target
 
 
 def config_to_dict(cfg: DictConfig) -> dict:

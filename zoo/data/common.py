@@ -9,7 +9,8 @@ dict-returning dataset, the seeded subset helper and the base datamodule.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -205,3 +206,20 @@ class BaseDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    # -- optional hooks ----------------------------------------------------
+    # zoo.training calls these on every datamodule (never probing for them); the defaults add nothing.
+    input_kind: str = "image"  # what a batch holds: "image" (B,C,H,W), or "graph" (GraphDataModule)
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """Model sizes only the data knows, passed to the model besides the geometry (a graph's
+        node-feature and context sizes)."""
+        return {}
+
+    def reference_rows(self) -> dict[str, dict[str, float]]:
+        """Rows of a reference model the data was built with (the image CNN behind a graph)."""
+        return {}
+
+    def export(self, folder: str | Path) -> None:
+        """Write what a saved model needs besides its weights next to it (a graph's recipe + encoder)."""

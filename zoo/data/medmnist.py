@@ -89,7 +89,7 @@ class MedMNISTDataModule(BaseDataModule):
     def __init__(
         self,
         flag: str = "pneumoniamnist",
-        size: int = 28,
+        image_size: int = 28,  # MedMNIST+ side: 28 (<flag>.npz), 64, 128 or 224 (<flag>_<side>.npz)
         root: str | None = None,
         download: bool = False,
         as_rgb: bool = False,
@@ -106,8 +106,8 @@ class MedMNISTDataModule(BaseDataModule):
         if flag not in info_all or info_all[flag]["python_class"].endswith("3D"):
             kind = "3D subsets are not supported" if flag in info_all else "unknown MedMNIST flag"
             raise ValueError(f"{kind}: {flag!r}; available 2D flags: {', '.join(available_flags())}")
-        if size not in SIZES:
-            raise ValueError(f"size must be one of {list(SIZES)}, got {size}")
+        if image_size not in SIZES:
+            raise ValueError(f"image_size must be one of {list(SIZES)} for MedMNIST, got {image_size}")
         self.save_hyperparameters()
         info = info_all[flag]
         self.flag = flag
@@ -116,8 +116,8 @@ class MedMNISTDataModule(BaseDataModule):
         self.download = bool(download)
         self.as_rgb = bool(as_rgb)
         self.mmap = bool(mmap)
-        self.size = int(size)
-        self.path = self.root / npz_filename(flag, self.size)
+        self.image_size = int(image_size)
+        self.path = self.root / npz_filename(flag, self.image_size)
         self._subsets = {"train": train_subset, "val": val_subset, "test": test_subset}
 
         self.name = flag
@@ -126,13 +126,12 @@ class MedMNISTDataModule(BaseDataModule):
         self.class_names = [info["label"][k] for k in sorted(info["label"], key=int)]
         self.num_classes = len(self.class_names)
         self.in_channels = 3 if self.as_rgb else int(info["n_channels"])
-        self.image_size = self.size
         self.license = info.get("license", "")
 
         # Fail now, with our own message, rather than deep inside medmnist in setup().
         if not self.download and not self.path.is_file():
             raise DatasetNotFoundError(
-                f"MedMNIST dataset {flag!r} (size {self.size}) not found: looked for {self.path}. "
+                f"MedMNIST dataset {flag!r} (image_size {self.image_size}) not found: looked for {self.path}. "
                 f"Set {ENV_VAR} to a folder holding {self.path.name} (or pass root=...), "
                 "or pass download=true (needs internet)."
             )
@@ -152,7 +151,7 @@ class MedMNISTDataModule(BaseDataModule):
             split=split,
             root=str(self.root),
             download=self.download,
-            size=self.size,
+            size=self.image_size,
             as_rgb=False,  # channel replication is done here, on the tensor
             transform=None,
             mmap_mode="r" if self.mmap else None,
