@@ -24,39 +24,45 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
+from zoo.config import register_model_configs  # noqa: E402
 from zoo.data import GraphDataModule  # noqa: E402
 from zoo.metrics import graphs as GM  # noqa: E402
+from zoo.training import build_datamodule, prepare_graph  # noqa: E402
 
 DATASETS = ("pneumoniamnist", "breastmnist", "retinamnist")
 BACKBONES = ("gcn", "gat", "gin")
 
 
 def graph_datamodule(name: str) -> GraphDataModule:
-    """The graph exactly as conf/data/graph_<name>.yaml builds it."""
-    cfg = yaml.safe_load((ROOT / "conf" / "data" / f"graph_{name}.yaml").read_text())
-    keep = {k: v for k, v in cfg.items() if not k.startswith("_") and not isinstance(v, str) or k in ("flag", "metric")}
-    keep.update(root=os.environ.get("ZOO_DATA_DIR"), cache_dir=str(ROOT / "logs" / "graph_cache"), seed=0)
-    dm = GraphDataModule(**keep)
+    """The graph exactly as conf/data/graph_<name>.yaml builds it (its encoder fitted as train() does)."""
+    cfg = compose([f"data=graph_{name}", f"paths.log_dir={ROOT / 'logs'}", "seed=0"])
+    cfg.data.root = os.environ.get("ZOO_DATA_DIR")
+    dm = build_datamodule(cfg)
+    prepare_graph(dm)
     dm.setup()
     return dm
 
 
-def model_config(name: str) -> dict:
-    cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_model_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
 
 
 def fit(dm: GraphDataModule, config: str, seed: int, epochs: int):
+    """config: "gnn_<backbone>" or "xnode_<backbone>" — the registered model with that backbone."""
     L.seed_everything(seed, verbose=False)
-    cfg = model_config(config)
-    model = zoo.create_model(cfg.pop("name"), num_classes=dm.num_classes, in_channels=dm.in_channels,
-                             image_size=dm.image_size, **dm.model_kwargs, **cfg)
+    name, backbone = config.split("_")
+    model = zoo.create_model(name, num_classes=dm.num_classes, in_channels=dm.in_channels,
+                             image_size=dm.image_size, **dm.model_kwargs, backbone=backbone)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
@@ -91,7 +97,7 @@ def main() -> None:
                      "| | | | | |")
         data, test, train = dm.graph, dm.graph.test_mask, dm.graph.train_mask
         for backbone in BACKBONES:
-            for config in (f"graph_{backbone}", f"xnode_{backbone}"):
+            for config in (f"gnn_{backbone}", f"xnode_{backbone}"):
                 acc, auc, r2, ctrl, probe, fp, fm = [], [], [], [], [], [], []
                 for seed in range(args.seeds):
                     model, res = fit(dm, config, seed, args.epochs)

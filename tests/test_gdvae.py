@@ -212,9 +212,12 @@ def test_clear_errors():
         zoo.create_model("gdvae", cf_method="nope")
 
 
-def _tiny_data(n=128):
+SEED = 0  # of the learning test; its thresholds sit far below what seeds 0, 1 and 2 give (issue #13)
+
+
+def _tiny_data(n=128, seed=0):
     """Two classes: a bright blob in the top-left vs bottom-right quadrant, on noise."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 2
     x = -0.8 + 0.1 * torch.randn(n, 1, 28, 28, generator=g)
     x[y == 0, :, 4:12, 4:12] = 0.8
@@ -225,28 +228,52 @@ def _tiny_data(n=128):
     return x.clamp(-1, 1), y, mask
 
 
-def test_learns_tiny_data_with_valid_counterfactuals():
-    torch.manual_seed(0)
-    model = zoo.create_model("gdvae", num_classes=2, in_channels=1, image_size=28, widths=[16, 32], latent_dim=4, class_dims=2, schedule=[],
-                             ce_weight=20.0)
-    x, y, mask = _tiny_data()
+def _learn_tiny_data(seed: int) -> dict[str, float]:
+    """A small GdVAE trained on the blobs (consistency term from the start); returns the eval-mode training
+    accuracy, the validity of the δ = 0.99 counterfactuals and the share of the boundary change (the
+    attribution) on the two blobs."""
+    from torch.optim.swa_utils import update_bn
+
+    x, y, mask = _tiny_data(seed=seed)
+    g = torch.Generator().manual_seed(seed)  # batch draws
+    torch.manual_seed(seed)  # the initialisation and the model's own sampling (z, counterfactual δ)
+    model = zoo.create_model("gdvae", num_classes=2, in_channels=1, image_size=28, widths=[16, 32], latent_dim=4,
+                             class_dims=2, schedule=[], ce_weight=20.0, consistency_weight=10.0)
+    # 200 steps only: with the default momentum (0.1) the encoder's batch-norm running statistics lag the
+    # weights, and both eval mode and the consistency term (it re-encodes with the running statistics)
+    # see a stale encoder; measured, that alone flipped validity between 0 and 1 from seed to seed.
+    for module in model.encoder.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.5
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(150):  # the decoder needs ~100 steps of the consistency term to redraw the blob
-        idx = torch.randint(0, x.shape[0], (32,))
-        loss, _, logs = model.loss({"image": x[idx], "label": y[idx]})
+    for _ in range(200):  # the decoder needs ~150 steps of the consistency term to redraw the blob
+        idx = torch.randint(0, x.shape[0], (32,), generator=g)
+        loss, _, _ = model.loss({"image": x[idx], "label": y[idx]})
         opt.zero_grad()
         loss.backward()
         opt.step()
+    with torch.no_grad():  # the statistics at the final weights, as GdVAE.on_train_end does under a Trainer
+        update_bn([x], model.encoder)
     model.eval()
-    assert (model(x).argmax(1) == y).float().mean() == 1.0
-    out = model.counterfactuals(x, probs=(0.9,))
-    valid = CF.validity(model(out["images"][:, 0]), out["target"]).mean()
-    assert valid >= 0.9
-    # The change at the boundary sits on the two blobs (where the evidence is), not on the noise.
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    out = model.counterfactuals(x, probs=(0.99,))
+    valid = float(CF.validity(model(out["images"][:, 0]), out["target"]).mean())
     expl = model.explain(x, target=y)
     both = mask + mask.flip(-1).flip(-2)  # the own blob and the other class's blob
-    assert CF.mass_in_mask(expl.attribution, both).mean() > 0.6
+    return {"acc": acc, "validity": valid, "mass": float(CF.mass_in_mask(expl.attribution, both).mean())}
+
+
+def test_learns_tiny_data_with_valid_counterfactuals():
+    """Seeds 0/1/2: accuracy 1.0, validity 1.0 and 0.72/0.60/0.43 of the change on the blobs (seeds 0–5:
+    validity 1.0, change on the blobs ≥ 0.32; they fill 0.16 of the image). Validity is per class all or
+    nothing here (0.5 = one class's counterfactuals fail), so its threshold asks for both classes."""
+    got = _learn_tiny_data(SEED)
+    assert got["acc"] >= 0.9, f"training accuracy {got['acc']:.3f}; chance is 0.5"
+    assert got["validity"] >= 0.75, f"validity {got['validity']:.3f}; a decoder that ignores the move gives 0"
+    # The change at the boundary sits on the two blobs (where the evidence is), not on the noise.
+    assert got["mass"] >= 0.25, f"change on the blobs {got['mass']:.3f}; 0.16 if spread evenly"
 
 
 def test_counterfactual_metrics_on_constructed_cases():

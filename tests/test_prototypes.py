@@ -12,14 +12,8 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.metrics.prototypes import box_half_size, consistency, part_hits, prototype_interpretability, stability
-from zoo.models.prototypes.parts import (
-    LOG_EPS,
-    cosine_distances,
-    l2_distances,
-    similarity_from_distance,
-    spread_over_cells,
-    spread_within_cells,
-)
+from zoo.models.prototypes.attribution import spread_over_cells, spread_within_cells
+from zoo.models.prototypes.similarity import LOG_EPS, cosine_distances, l2_distances, similarity_from_distance
 from zoo.models.prototypes.push import cell_box, find_duplicates, percentile_box, push_prototypes
 
 GEOM = dict(num_classes=3, in_channels=1, image_size=32)
@@ -513,7 +507,7 @@ def test_multilabel_batch_with_an_all_negative_row_has_finite_loss_and_gradients
 
 @pytest.mark.parametrize("similarity", ["log_l2", "cosine"])
 def test_distances_are_fp32_under_autocast(similarity):
-    from zoo.models.prototypes.parts import distances, similarity_from_distance
+    from zoo.models.prototypes.similarity import distances, similarity_from_distance
 
     g = torch.Generator().manual_seed(0)
     z = torch.rand(2, 16, 4, 4, generator=g) * 10

@@ -19,6 +19,7 @@ from zoo.metrics import groups as G
 from zoo.models.sop import sparsemax
 
 GEOM = dict(num_classes=3, in_channels=1, image_size=32)
+SEED = 0  # of the learning test; its thresholds sit far below what seeds 0, 1 and 2 give (issue #13)
 
 
 def _sop(**kw):
@@ -216,14 +217,16 @@ def test_timm_vit_backbone_keeps_the_decomposition():
     torch.testing.assert_close(expl.contributions.sum(-1), expl.logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
-def test_sop_learns_on_tiny_synthetic_data():
+def _learn_tiny_synthetic(seed: int) -> dict[str, float]:
+    """SOP (5 backbone epochs, 1 SOP epoch) on 1024 synthetic images of 4 classes without distractors:
+    the test accuracy of the SOP and of its backbone's own classifier. (With the default 2 distractors
+    per image the 5-epoch backbone reached only 0.86 at seed 1: too close to any useful threshold.)"""
     import lightning as L
 
     from zoo.data import SyntheticDataModule
 
-    L.seed_everything(0)
-    dm = SyntheticDataModule(n_train=1024, n_val=64, n_test=256, batch_size=64)
+    L.seed_everything(seed, verbose=False)
+    dm = SyntheticDataModule(n_train=1024, n_val=64, n_test=256, batch_size=64, distractors=0, seed=seed)
     model = zoo.create_model("sop", num_classes=4, in_channels=1, image_size=32, num_groups=4, lr=3e-3,
                              schedule=[{"phase": "backbone", "epochs": 5}, {"phase": "sop", "epochs": 1}])
     trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -234,8 +237,17 @@ def test_sop_learns_on_tiny_synthetic_data():
     batch = next(iter(dm.test_dataloader()))
     with torch.no_grad():
         backbone_acc = (model.eval().backbone_logits(batch["image"]).argmax(1) == batch["label"]).float().mean()
-    assert backbone_acc > 0.8, f"the backbone phase did not learn ({backbone_acc:.2f})"
-    assert acc > 0.8, f"SOP test accuracy {acc:.2f} (backbone {backbone_acc:.2f}); chance is 0.25"
+    return {"acc": float(acc), "backbone_acc": float(backbone_acc)}
+
+
+@pytest.mark.slow
+def test_sop_learns_on_tiny_synthetic_data():
+    """Seeds 0/1/2: SOP test accuracy 0.94/0.91/0.96, backbone 0.95/0.92/1.0; the thresholds leave a wide
+    margin for cross-machine differences and sit far above chance (0.25)."""
+    got = _learn_tiny_synthetic(SEED)
+    acc, backbone_acc = got["acc"], got["backbone_acc"]
+    assert backbone_acc >= 0.7, f"the backbone phase did not learn ({backbone_acc:.2f}); chance is 0.25"
+    assert acc >= 0.7, f"SOP test accuracy {acc:.2f} (backbone {backbone_acc:.2f}); chance is 0.25"
 
 
 # ---------------------------------------------------------------------- group metrics
@@ -320,13 +332,15 @@ def test_published_sop_synthetic_checkpoint_is_accurate_and_exact():
     if "sop-synthetic" not in zoo.list_pretrained():
         pytest.skip("checkpoints/sop-synthetic not published")
     model = zoo.load("sop-synthetic")
-    dm = SyntheticDataModule(n_train=64, n_val=64, n_test=128, batch_size=128, seed=123)
+    # Test sets of seeds 123/124/125: accuracy 0.99/0.99/1.0, top-group purity 0.36/0.35/0.34 (chance ≈ 0.04,
+    # the evidence's area share).
+    dm = SyntheticDataModule(n_train=64, n_val=64, n_test=128, batch_size=128, seed=123 + SEED)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     expl = model.explain(batch["image"])
     torch.testing.assert_close(expl.contributions.sum(-1) + expl.bias, expl.logits, rtol=1e-5, atol=1e-5)
     acc = (expl.logits.argmax(1) == batch["label"]).float().mean()
-    assert acc >= 0.95, f"sop-synthetic accuracy {acc:.3f} on fresh synthetic images"
+    assert acc >= 0.9, f"sop-synthetic accuracy {acc:.3f} on fresh synthetic images; chance is 0.25"
     # its groups sit on the evidence: the top group of most images overlaps the ground truth
     top = expl.contributions[torch.arange(128), expl.target].argmax(1)
     purity = G.group_purity(expl.group_masks, batch["mask"]).gather(1, top[:, None])

@@ -88,6 +88,8 @@ def test_unknown_model_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_default_command_reaches_target_accuracy(tmp_path):
-    """`python train.py` with no arguments: the baseline reaches ≥ 95 % on synthetic."""
-    metrics = train(compose(["evaluate.posthoc=false", "callbacks=none", "logger=none"], tmp_path))
-    assert metrics["cnn/acc"] >= 0.95
+    """`python train.py` with no arguments: the baseline reaches ≥ 95 % on synthetic (the README's claim).
+    Seeds 0/1/2 give 0.998/0.995/0.997: the threshold allows 10× the worst error rate seen."""
+    seed = 0  # conf/train.yaml's default; checked at 0, 1 and 2 (issue #13)
+    metrics = train(compose(["evaluate.posthoc=false", "callbacks=none", "logger=none", f"seed={seed}"], tmp_path))
+    assert metrics["cnn/acc"] >= 0.95, f"test accuracy {metrics['cnn/acc']:.3f}; 4 classes: chance is 0.25"

@@ -19,12 +19,17 @@ from zoo.data.graphs import (
 )
 from zoo.metrics import graphs as GM
 from zoo.models.xnode import GraphInput, check_text
+from zoo.training import prepare_graph
 
 
 # ---------------------------------------------------------------------- fixtures
+SEED = 0  # of the trained model (`built`); the learning test's thresholds sit far below seeds 0, 1 and 2 (issue #13)
+
+
 def _images(permute_test: bool = False, seed: int = 0) -> SyntheticDataModule:
-    # No distractors: a 16 px, 3-class task a tiny encoder learns in a second.
-    dm = SyntheticDataModule(image_size=16, num_classes=3, n_train=300, n_val=40, n_test=80, distractors=0, seed=seed)
+    # No distractors: a 16 px, 3-class task a tiny encoder learns in a second. 200 test nodes: the
+    # accuracy and R² of the learning test are measured on them (80 left ±0.03 of sampling noise).
+    dm = SyntheticDataModule(image_size=16, num_classes=3, n_train=300, n_val=40, n_test=200, distractors=0, seed=seed)
     dm.setup()
     if permute_test:  # shuffle the val and test labels in place: nothing before evaluation may notice
         g = torch.Generator().manual_seed(123)
@@ -37,12 +42,13 @@ def _images(permute_test: bool = False, seed: int = 0) -> SyntheticDataModule:
 def _graph_dm(images, cache_dir=None, **kw) -> GraphDataModule:
     kw = {"encoder_widths": (16, 32), "encoder_epochs": 4, "encoder_batch_size": 16, "k": 5, "steps_per_epoch": 10, **kw}
     dm = GraphDataModule(images=images, cache_dir=cache_dir, **kw)
+    prepare_graph(dm)  # the recipe's encoder, fitted by the training code unless the graph is cached
     dm.setup()
     return dm
 
 
-def _train(dm: GraphDataModule, name: str = "xnode", epochs: int = 6, **hp):
-    L.seed_everything(0, verbose=False)
+def _train(dm: GraphDataModule, name: str = "xnode", epochs: int = 6, seed: int = 0, **hp):
+    L.seed_everything(seed, verbose=False)
     model = zoo.create_model(name, num_classes=dm.num_classes, **dm.model_kwargs, lr=1e-2, **hp)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -50,10 +56,14 @@ def _train(dm: GraphDataModule, name: str = "xnode", epochs: int = 6, **hp):
     return model.eval()
 
 
+def _build(seed: int):
+    dm = _graph_dm(_images(seed=seed), seed=seed)
+    return dm, _train(dm, seed=seed)
+
+
 @pytest.fixture(scope="module")
 def built():
-    dm = _graph_dm(_images())
-    return dm, _train(dm)
+    return _build(SEED)
 
 
 # ---------------------------------------------------------------------- graph pieces
@@ -121,9 +131,9 @@ def test_graph_datamodule_layout_and_cache(tmp_path):
     images = _images()
     dm = _graph_dm(images, cache_dir=tmp_path)
     g = dm.graph
-    n = 300 + 40 + 80
+    n = 300 + 40 + 200
     assert g.x.shape == (n, 32) and g.context.shape == (n, len(CONTEXT_NAMES))
-    assert int(g.train_mask.sum()) == 300 and int(g.test_mask.sum()) == 80
+    assert int(g.train_mask.sum()) == 300 and int(g.test_mask.sum()) == 200
     assert (g.y_train[~g.train_mask] == -1).all()  # the graph carries no val/test label
     torch.testing.assert_close(g.context[g.train_mask].mean(0), torch.zeros(6), atol=1e-5, rtol=0)
     batch = next(iter(dm.test_dataloader()))
@@ -150,16 +160,22 @@ def test_permuting_val_and_test_labels_changes_no_feature_context_or_weight():
 
 
 # ---------------------------------------------------------------------- model
-def test_xnode_learns_and_its_decoder_beats_a_shuffled_control(built):
-    dm, model = built
+def _learning_scores(dm, model, seed: int = 0) -> dict[str, float]:
     data = dm.graph
     with torch.no_grad():
         pred = model(data).argmax(1)
-    acc = (pred[data.test_mask] == dm.labels("test")).float().mean()
-    assert acc > 0.75  # 3 classes: chance ≈ 0.33
-    r2 = GM.decoder_r2(model, data, data.test_mask)
-    control = GM.control_decoder_r2(model, data, data.train_mask, data.test_mask, epochs=150)
-    assert r2 > 0.1 and r2 > control["shuffled"] + 0.3
+    acc = float((pred[data.test_mask] == dm.labels("test")).float().mean())
+    control = GM.control_decoder_r2(model, data, data.train_mask, data.test_mask, epochs=150, seed=seed)
+    return {"acc": acc, "r2": GM.decoder_r2(model, data, data.test_mask), "shuffled": control["shuffled"]}
+
+
+def test_xnode_learns_and_its_decoder_beats_a_shuffled_control(built):
+    """Seeds 0/1/2: test accuracy 0.965/0.91/0.90, decoder R² 0.21/0.18/0.45, shuffled-context control
+    −0.41/−0.61/−0.93 (seeds 0–5: accuracy ≥ 0.895, R² ≥ 0.18). R² 0: a decoder that outputs the mean."""
+    got = _learning_scores(*built, seed=SEED)
+    assert got["acc"] >= 0.7, f"test accuracy {got['acc']:.3f}; 3 classes: chance ≈ 0.33"
+    assert got["r2"] >= 0.05, f"decoder R² {got['r2']:.3f}; 0 = the mean"
+    assert got["r2"] > got["shuffled"] + 0.3, f"decoder R² {got['r2']:.3f} vs shuffled control {got['shuffled']:.3f}"
 
 
 @pytest.mark.parametrize("backbone", ["gcn", "gat", "gin"])
@@ -293,12 +309,16 @@ def test_train_entry_point_on_a_medmnist_graph(medmnist_dir, tmp_path):
 
     from zoo.training import train
 
-    cfg = compose(["data=graph_breastmnist", "model=xnode_gcn", f"data.root={medmnist_dir}",
+    cfg = compose(["data=graph_breastmnist", "model=xnode", f"data.root={medmnist_dir}",
                    "data.encoder_epochs=2", f"data.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=3",
-                   "trainer.log_every_n_steps=1", "logger=none", "callbacks=none"], tmp_path / "run")
+                   "trainer.log_every_n_steps=1", "logger=none", "callbacks=none", f"seed={SEED}"], tmp_path / "run")
     flat = train(cfg)
-    assert flat["xnode/acc"] > 0.6
-    assert flat["xnode (node-context)/decoder_r2"] > flat["xnode (node-context)/control_r2_shuffled"]
+    # Seeds 0/1/2: AUROC 0.725/0.708/0.700, accuracy 0.756/0.744/0.718 (the majority class alone scores 0.731:
+    # accuracy cannot tell learning here), decoder R² 0.45/0.54/0.41 vs the shuffled control −11.8/−0.56/−0.55.
+    auroc, r2 = flat["xnode/auroc"], flat["xnode (node-context)/decoder_r2"]
+    assert auroc >= 0.6, f"test AUROC {auroc:.3f}; chance is 0.5"
+    control = flat["xnode (node-context)/control_r2_shuffled"]
+    assert r2 >= 0.2 and r2 > control + 0.3, f"decoder R² {r2:.3f} (0 = the mean) vs shuffled control {control:.3f}"
     saved = tmp_path / "run" / "model"
     assert (saved / "graph.yaml").is_file() and (saved / "encoder" / "model.safetensors").is_file()
     # The saved folder ships its graph recipe: rebuilding the graph from it reproduces the test accuracy.
@@ -312,13 +332,13 @@ def test_train_entry_point_on_a_medmnist_graph(medmnist_dir, tmp_path):
 
 
 def test_graph_model_on_image_data_gets_the_knn_image_graph(medmnist_dir, tmp_path):
-    # `python train.py model=xnode_gcn data=pneumoniamnist` must work as typed: the image datamodule
+    # `python train.py model=xnode data=pneumoniamnist` must work as typed: the image datamodule
     # becomes the graph's node source (no training here: only the wiring is checked).
     from conftest import compose
 
     from zoo.training import build_datamodule
 
-    cfg = compose(["data=breastmnist", "model=xnode_gcn", f"data.root={medmnist_dir}"], tmp_path / "run")
+    cfg = compose(["data=breastmnist", "model=xnode", f"data.root={medmnist_dir}"], tmp_path / "run")
     dm = build_datamodule(cfg)
     assert isinstance(dm, GraphDataModule)
     assert dm.name == "breastmnist" and dm.num_classes == 2

@@ -19,6 +19,7 @@ import torchmetrics
 from torch import Tensor
 
 from zoo.explanation import Explanation
+from zoo.metrics.targets import class_targets
 from zoo.schedule import Phase, Schedule
 
 TASKS = ("multiclass", "multilabel")
@@ -164,12 +165,8 @@ class SelfExplainingModule(L.LightningModule):
         """Explained class per image: predicted class if None; an int is broadcast to the batch."""
         if target is None:
             return logits.argmax(dim=1)
-        target = torch.as_tensor(target, device=logits.device, dtype=torch.long)
-        if target.ndim == 0:
-            target = target.expand(logits.shape[0])
-        if int(target.min()) < 0 or int(target.max()) >= self.num_classes:
-            raise ValueError(f"{self.model_name}: target class out of range 0..{self.num_classes - 1}")
-        return target
+        return class_targets(target, logits.shape[0], logits.device, self.num_classes,
+                             f"{self.model_name}: target class")
 
     # ------------------------------------------------------------------ loss and steps
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -39,7 +39,7 @@ class ExplanationFigures(L.Callback):
         # so even the batch must be loaded outside it.
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                if getattr(module, "input_kind", "image") != "image":  # graphs: the first nodes of the split
+                if module.input_kind != "image":  # graphs: the first nodes of the split
                     fig = self._graph_figure(trainer, module, stage)
                     if fig is None:
                         return

@@ -143,9 +143,9 @@ def explanation_report(model, datamodule, n_images: int = 256, steps: int = 24,
     if model.explanation_kind != "post-hoc":
         name = f"{model.model_name} ({model.explanation_kind})"
         rows[name] = attribution_metrics(model, _explain_fn(model), batch, steps)
-        # Optional: a family may list other maps of its own explanation (label -> explain kwargs),
-        # e.g. MedicalPatchNet's dense map; each gets its own row (not copied into the model card).
-        for label, kwargs in getattr(model, "explanation_variants", {}).items():
+        # A family may list other maps of its own explanation (label -> explain kwargs; declared on the
+        # base, {} by default), e.g. MedicalPatchNet's dense map; each gets its own row (not in the card).
+        for label, kwargs in model.explanation_variants.items():
             rows[f"{model.model_name}[{label}] ({model.explanation_kind})"] = attribution_metrics(
                 model, _explain_fn(model, **kwargs), batch, steps)
     reference = baseline if baseline is not None else (model if model.explanation_kind == "post-hoc" else None)

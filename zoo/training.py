@@ -10,11 +10,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
 import lightning as L
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from zoo import evaluation, hub
 from zoo.cli import build, report
@@ -26,14 +28,10 @@ log = logging.getLogger("zoo")
 
 def build_datamodule(cfg: DictConfig):
     """The datamodule of ``cfg.data``; a graph model (``input_kind == "graph"``) given an image dataset
-    gets the kNN image graph over it, so ``model=xnode_gcn data=pneumoniamnist`` works as typed."""
+    gets the kNN image graph over it, so ``model=xnode data=pneumoniamnist`` works as typed."""
     datamodule = build(cfg.data)
     name = (cfg.get("model") or {}).get("name")
-    if name is None or getattr(model_class(name), "input_kind", "image") != "graph":
-        return datamodule
-    from zoo.data import GraphDataModule
-
-    if isinstance(datamodule, GraphDataModule):
+    if name is None or model_class(name).input_kind != "graph" or datamodule.input_kind == "graph":
         return datamodule
     # The image datamodule becomes the graph's node source; recipe defaults match conf/data/graph_*.yaml.
     graph_defaults = {"encoder_epochs": 8}
@@ -41,16 +39,75 @@ def build_datamodule(cfg: DictConfig):
     log.info("model %s explains graph nodes: building the kNN image graph over %s", name, datamodule.name)
     image_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
                     if k not in ("_target_", "flag", "root", "seed", "download", "num_workers")}
-    return GraphDataModule(flag=datamodule.name, images=datamodule, image_kwargs=image_kwargs,
-                           cache_dir=str(cache) if cache else None,
-                           seed=int(cfg.get("seed", 0)), **graph_defaults)
+    # Built from its config target like every datamodule (training code never imports zoo.data).
+    return build(OmegaConf.create({"_target_": "zoo.data.GraphDataModule"}), flag=datamodule.name,
+                 images=datamodule, image_kwargs=image_kwargs, cache_dir=str(cache) if cache else None,
+                 seed=int(cfg.get("seed", 0)), **graph_defaults)
+
+
+class _Pairs(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+class _Reshuffled(Sampler[int]):
+    """A fresh permutation every epoch from one seeded generator (the encoder's data order)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.generator = n, torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
+def fit_image_encoder(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      widths: Sequence[int] = (32, 64, 128), epochs: int = 5, lr: float = 3e-3,
+                      batch_size: int = 128, seed: int = 0):
+    """The zoo ``cnn`` fitted by a Lightning Trainer on (images (M,C,H,W) in [-1,1], labels (M,)) for a
+    fixed number of epochs — no validation, no model selection (the graph's encoder sees the train
+    split only). Initialised after ``torch.manual_seed(seed)``; cosine schedule, AdamW (the cnn's)."""
+    torch.manual_seed(seed)
+    encoder = create_model("cnn", num_classes=num_classes, in_channels=images.shape[1], image_size=images.shape[-1],
+                           widths=list(widths), lr=lr)
+    loader = DataLoader(_Pairs(images, labels), batch_size=batch_size, sampler=_Reshuffled(images.shape[0], seed))
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, use_distributed_sampler=False)
+    trainer.fit(encoder, train_dataloaders=loader)
+    return encoder.eval()
+
+
+def prepare_graph(datamodule) -> None:
+    """A graph datamodule whose graph is neither cached nor given an encoder gets its recipe's encoder
+    (``encoder_*``), fitted here on its training nodes. The run's own random stream is left as it was
+    (``fork_rng``), so a run's numbers do not depend on whether the graph was cached."""
+    if datamodule.input_kind != "graph" or not datamodule.needs_encoder():
+        return
+    r = datamodule.recipe
+    images, labels = datamodule.train_split()
+    log.info("fitting the graph's image encoder (zoo cnn, %d epochs on %d training images)",
+             r["encoder_epochs"], images.shape[0])
+    started = time.perf_counter()
+    with torch.random.fork_rng():
+        encoder = fit_image_encoder(images, labels, datamodule.num_classes, r["encoder_widths"], r["encoder_epochs"],
+                                    r["encoder_lr"], r["encoder_batch_size"], r["seed"])
+    datamodule.attach_encoder(encoder, seconds=time.perf_counter() - started)
 
 
 def build_model(cfg: DictConfig, datamodule):
     """The model sized for the data: geometry and task always come from the datamodule."""
     # `model_kwargs`: sizes only the data knows (e.g. a graph's node-feature and context sizes).
     return build(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
-                 image_size=datamodule.image_size, task=datamodule.task, **getattr(datamodule, "model_kwargs", {}))
+                 image_size=datamodule.image_size, task=datamodule.task, **datamodule.model_kwargs)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, with_callbacks: bool = True) -> L.Trainer:
@@ -113,6 +170,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     datamodule = build_datamodule(cfg)
+    prepare_graph(datamodule)
     model = build_model(cfg, datamodule)
     trainer = build_trainer(cfg, run_dir)
     ckpt_path = _resume_path(cfg, run_dir)
@@ -125,43 +183,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                                            "auroc": results.get("test/auroc", float("nan"))}}
     baseline = None
     ev = cfg.get("evaluate") or {}
-    image_model = getattr(model, "input_kind", "image") == "image"
+    image_model = model.input_kind == "image"
     if ev.get("compare_baseline", True) and model.explanation_kind != "post-hoc" and image_model:
         baseline, base_results = train_baseline(cfg, datamodule, run_dir)  # every DDP rank takes part
         rows["cnn (black-box baseline)"] = {"acc": base_results["test/acc"], "auroc": base_results["test/auroc"]}
     if not trainer.is_global_zero:  # DDP: one process measures, saves and prints
         return results
     if not image_model:  # graph data: the image CNN behind the graph, and the family's own graph metrics
-        if ev.get("compare_baseline", True) and hasattr(datamodule, "reference_rows"):
+        if ev.get("compare_baseline", True):
             rows.update(datamodule.reference_rows())
-        if ev.get("explanations", True) and hasattr(model, "report_rows"):
+        if ev.get("explanations", True):
             rows.update(model.report_rows(datamodule))
     if ev.get("explanations", True) and model.task == "multiclass" and image_model:
         explanation_rows = evaluation.explanation_report(
             model, datamodule, n_images=ev.get("n_images", 256), steps=ev.get("steps", 24), baseline=baseline,
             posthoc=ev.get("posthoc", True))
         rows.update(explanation_rows)
-        if hasattr(model, "image_report_rows"):  # optional family rows, e.g. GdVAE's counterfactual metrics
-            rows.update(model.image_report_rows(datamodule, baseline=baseline))
+        rows.update(model.image_report_rows(datamodule, baseline=baseline))  # the family's own rows, if any
 
     flat = {f"{name}/{metric}": value for name, row in rows.items() for metric, value in row.items()}
     flat["seconds"] = time.perf_counter() - started
-    own = {"test_acc": results.get("test/acc"), "test_auroc": results.get("test/auroc")}
-    for name, row in rows.items():
-        if name.startswith(model.model_name + " ("):
-            own.update({k: v for k, v in row.items()})
-    saved = hub.save(model, run_dir / "model", metrics={k: v for k, v in own.items() if v is not None},
-                     command=_command(), data=getattr(datamodule, "name", None))
-    if hasattr(datamodule, "export"):  # data a model needs besides its weights (e.g. a graph recipe)
-        datamodule.export(saved)
+    card = model.card_metrics(results, rows)  # what the model card records: an explicit return value
+    saved = hub.save(model, run_dir / "model", metrics=card, command=_command(), data=datamodule.name)
+    datamodule.export(saved)  # data a model needs besides its weights (e.g. a graph recipe)
     if publish_to is not None:  # e.g. publish=cnn-synthetic → checkpoints/cnn-synthetic/
-        published = hub.save(model, publish_to,
-                             metrics={k: v for k, v in own.items() if v is not None},
-                             command=_command(), data=getattr(datamodule, "name", None))
-        if hasattr(datamodule, "export"):
-            datamodule.export(published)
+        published = hub.save(model, publish_to, metrics=card, command=_command(), data=datamodule.name)
+        datamodule.export(published)
     (run_dir / "metrics.yaml").write_text(yaml.safe_dump(hub.plain(flat), sort_keys=False))
-    table = evaluation.format_table(f"results on {getattr(datamodule, 'name', 'data')} (test split)", rows)
+    table = evaluation.format_table(f"results on {datamodule.name} (test split)", rows)
     report(table)
     report(f"model saved to {saved} · figures in {run_dir / 'figures'} · {flat['seconds']:.0f} s"
            + ("" if not ev.get("explanations", True) else

@@ -10,32 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from zoo.data.catalog import SYNTHETIC_NAMES, available_datasets, create_datamodule
 from zoo.data.common import DatasetNotFoundError, denormalize, normalize
 from zoo.data.graphs import GraphDataModule
 from zoo.data.medmnist import MedMNISTDataModule, available_flags, is_medmnist_flag
-from zoo.data.synthetic import SyntheticDataModule, make_synthetic
-
-SYNTHETIC_NAMES: tuple[str, ...] = ("synthetic", "synthetic-interaction")
-
-
-def available_datasets() -> list[str]:
-    """Names accepted by :func:`create_datamodule`."""
-    return [*SYNTHETIC_NAMES, *available_flags()]
-
-
-def create_datamodule(name: str, **kwargs: Any) -> SyntheticDataModule | MedMNISTDataModule:
-    """Build a datamodule by name: "synthetic", "synthetic-interaction" or a 2D MedMNIST flag.
-
-    ``kwargs`` go to the datamodule's constructor.
-    """
-    if name == "synthetic":
-        return SyntheticDataModule(**kwargs)
-    if name == "synthetic-interaction":
-        kwargs.setdefault("num_classes", 2)
-        return SyntheticDataModule(mode="interaction", **kwargs)
-    if is_medmnist_flag(name):  # 3D flags get MedMNISTDataModule's specific error
-        return MedMNISTDataModule(flag=name, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
+from zoo.data.synthetic import SyntheticDataModule
+from zoo.data.synthetic_images import make_synthetic
 
 
 def create_graph_datamodule(name: str, **kwargs: Any) -> GraphDataModule:
@@ -44,12 +24,15 @@ def create_graph_datamodule(name: str, **kwargs: Any) -> GraphDataModule:
 
 
 __all__ = [
+    "SYNTHETIC_NAMES",
     "DatasetNotFoundError",
     "GraphDataModule",
     "create_graph_datamodule",
     "MedMNISTDataModule",
     "SyntheticDataModule",
     "available_datasets",
+    "available_flags",
+    "is_medmnist_flag",
     "create_datamodule",
     "denormalize",
     "make_synthetic",

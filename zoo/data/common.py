@@ -223,3 +223,8 @@ class BaseDataModule(L.LightningDataModule):
 
     def export(self, folder: str | Path) -> None:
         """Write what a saved model needs besides its weights next to it (a graph's recipe + encoder)."""
+
+    def contrast_images(self, n: int, channels: int, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Images of *another* dataset at this geometry (name → (≤n,C,H,W) in [-1, 1]), e.g. the
+        out-of-distribution set of an uncertainty report; {} where there is none."""
+        return {}

@@ -34,6 +34,7 @@ from zoo.data.common import (
     normalize,
     subset_indices,
 )
+from zoo.data.synthetic_images import make_synthetic
 
 SIZES: tuple[int, ...] = (28, 64, 128, 224)
 ENV_VAR = "ZOO_DATA_DIR"
@@ -183,6 +184,11 @@ class MedMNISTDataModule(BaseDataModule):
     def raw(self, split: str) -> dict[str, torch.Tensor]:
         """Full-split tensors: ``image`` uint8 (N, C, H, W) and ``label`` as in batches."""
         return self.dataset(split).tensors  # type: ignore[attr-defined]
+
+    def contrast_images(self, n: int, channels: int, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Synthetic evidence images at this geometry (4 classes, their own seed)."""
+        data = make_synthetic(n, image_size=size, channels=channels, num_classes=4, seed=seed + 7)
+        return {"synthetic": data["images"] * 2 - 1}  # [0,1] → the zoo's [-1,1]
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from torch import Tensor
 from .faithfulness import auc, deletion_insertion, make_substrate, target_probability
 from .localization import argmax_location, energy_in_mask, hit_rate, mask_iou, pointing_game
 from .stability import evalprotopnet_noise, explanation_stability, top_fraction_mask
+from .targets import class_targets, targets_or_predictions
 
 __all__ = [
     "argmax_location",
@@ -34,6 +35,8 @@ __all__ = [
     "top_fraction_mask",
     "explanation_stability",
     "explanation_metrics",
+    "class_targets",
+    "targets_or_predictions",
 ]
 
 
@@ -71,14 +74,7 @@ def explanation_metrics(
         masks are given and ``{"stability", "map_iou", "argmax_shift"}`` when ``stability``;
         localisation means ignore images with empty masks (NaN if all are empty).
     """
-    B = images.shape[0]
-    if target is None:
-        with torch.no_grad():
-            target = torch.cat(
-                [model(images[i : i + batch_size]).argmax(dim=1) for i in range(0, B, batch_size)]
-            )
-    target = torch.as_tensor(target, device=images.device).long()
-    target = target.expand(B).contiguous() if target.dim() == 0 else target.view(B)
+    target = targets_or_predictions(model, images, target, batch_size)
 
     attribution = explain_fn(images, target).detach()
     out: dict[str, float] = {}

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
+from .targets import targets_or_predictions
+
 __all__ = ["deletion_insertion", "auc", "target_probability", "make_substrate"]
 
 Mode = Literal["deletion", "insertion", "both"]
@@ -106,16 +108,6 @@ def auc(curve: Tensor, x: Tensor | None = None) -> Tensor:
     return torch.trapezoid(curve, x=x.to(curve.dtype), dim=1)
 
 
-def _resolve_target(model: Callable[[Tensor], Tensor], images: Tensor, target, batch_size: int) -> Tensor:
-    """``target`` as LongTensor ``(B,)``; ``None`` means the model's prediction on ``images``."""
-    B = images.shape[0]
-    if target is None:
-        preds = [model(images[i : i + batch_size]).argmax(dim=1) for i in range(0, B, batch_size)]
-        return torch.cat(preds).to(images.device)
-    t = torch.as_tensor(target, device=images.device).long()
-    return t.expand(B).contiguous() if t.dim() == 0 else t.view(B)
-
-
 @torch.no_grad()
 def deletion_insertion(
     model: Callable[[Tensor], Tensor],
@@ -166,7 +158,7 @@ def deletion_insertion(
     if attr.shape != (B, H, W):
         raise ValueError(f"attribution {tuple(attr.shape)} does not match images {(B, H, W)}")
     HW = H * W
-    tgt = _resolve_target(model, images, target, batch_size)  # (B,)
+    tgt = targets_or_predictions(model, images, target, batch_size)  # (B,)
 
     # rank[b, p] = position of pixel p in image b's importance order (0 = most important).
     scores = attr.reshape(B, HW).float()

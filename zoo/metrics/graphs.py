@@ -5,8 +5,9 @@
   node's latent h on a node mask; :func:`control_decoder_r2` — the same reasoner+decoder
   architecture trained to rebuild the same h from *shuffled* context vectors (a control: what R²
   needs no node-specific information) and, for reference, from the real context (a probe).
-* :func:`context_ablation_fidelity` — mean |Δp| and flip rate when each context cue is set to its
-  training mean (0) for every node.
+* :func:`ablated_probabilities` — the context ablation itself (each cue set to its training mean, 0,
+  for every node; X-Node's explanation and text checker use it too);
+  :func:`context_ablation_fidelity` — mean |Δp| and flip rate under it.
 * :func:`to_pyg` / :func:`pyg_fidelity` — a ``torch_geometric.explain.Explanation`` (float32
   masks) of the model's own explanation, and PyG's fid+ / fid− / characterisation score for it.
 
@@ -16,11 +17,11 @@ Models here are called like PyG models: ``model(x, edge_index, edge_weight=..., 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zoo.graph_input import GraphInput
 
 
 def r2_score(pred: Tensor, target: Tensor) -> float:
@@ -30,10 +31,21 @@ def r2_score(pred: Tensor, target: Tensor) -> float:
     return float(TMF.r2_score(pred, target, multioutput="variance_weighted"))
 
 
-def _graph(model, data):
-    from zoo.models.xnode import GraphInput  # the family's own input wrapper (duck-typed data)
-
+def _graph(model, data) -> GraphInput:
     return GraphInput(data)
+
+
+@torch.no_grad()
+def ablated_probabilities(model, g: GraphInput) -> list[Tensor]:
+    """The one context ablation: per cue j (in the model's context order), the class probabilities
+    (N,K) of every node when cue j is set to its training mean — 0, the context being standardised
+    with training-node statistics — for every node at once, and the model is run again."""
+    out = []
+    for j in range(model.context_dim):
+        ctx = g.context.clone()
+        ctx[:, j] = 0.0
+        out.append(model.encode(g, ctx)["logits"].softmax(1))
+    return out
 
 
 @torch.no_grad()
@@ -91,10 +103,8 @@ def context_ablation_fidelity(model, data, mask: Tensor) -> dict[str, dict[str, 
     probs = model.encode(g)["logits"].softmax(1)[mask]
     pred = probs.argmax(1, keepdim=True)
     out = {}
-    for j, name in enumerate(model.context_names):
-        ctx = g.context.clone()
-        ctx[:, j] = 0.0
-        p = model.encode(g, ctx)["logits"].softmax(1)[mask]
+    for name, ablated in zip(model.context_names, ablated_probabilities(model, g)):
+        p = ablated[mask]
         out[name] = {"mean_abs_dp": float((p.gather(1, pred) - probs.gather(1, pred)).abs().mean()),
                      "flip_rate": float((p.argmax(1, keepdim=True) != pred).float().mean())}
     return out
@@ -150,4 +160,4 @@ def pyg_fidelity(model, data, nodes: Tensor) -> dict[str, float]:
     return {"fid_plus": fid_plus, "fid_minus": fid_minus, "characterization": char}
 
 
-__all__ = ["context_ablation_fidelity", "control_decoder_r2", "decoder_r2", "pyg_fidelity", "r2_score", "to_pyg"]
+__all__ = ["ablated_probabilities", "context_ablation_fidelity", "control_decoder_r2", "decoder_r2", "pyg_fidelity", "r2_score", "to_pyg"]

@@ -1,7 +1,7 @@
 """Interpretability of part-prototypes: EvalProtoPNet consistency and stability.
 
 Huang et al., "Evaluation and Improvement of Interpretability for Self-Explainable Part-Prototype
-Networks" (ICCV 2023), see REFERENCES.md §1:
+Networks" (ICCV 2023):
 
 * For prototype j of class c and a test image i of class c, take the argmax of j's upsampled
   similarity map and a box of half-size 36 px at 224 px (scaled to the image size) around it;

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .localization import _as_bhw, argmax_location, mask_iou
+from .targets import class_targets
 
 __all__ = ["evalprotopnet_noise", "top_fraction_mask", "explanation_stability"]
 
@@ -107,8 +108,7 @@ def explanation_stability(
         raise ValueError("n_repeats must be >= 1")
     B = images.shape[0]
     if target is not None:
-        target = torch.as_tensor(target, device=images.device).long()
-        target = target.expand(B).contiguous() if target.dim() == 0 else target.view(B)
+        target = class_targets(target, B, images.device)
 
     clean = _as_bhw(explain_fn(images, target), "attribution").detach()  # (B,H,W)
     H, W = clean.shape[-2:]

@@ -20,7 +20,8 @@ Explanation (``kind="patch"``):
   * ``extras``: ``raw_map`` (= attribution), ``scaled_map`` (× global probability),
     ``receptive_field``, ``probability``.
 
-Reference: BagNet (wielandbrendel/bag-of-local-features-models); facts in REFERENCES.md §2.
+Reference: Brendel & Bethge, "Approximating CNNs with Bag-of-local-Features models works surprisingly
+well on ImageNet" (ICLR 2019); code wielandbrendel/bag-of-local-features-models.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class CNNBaseline(_BlackBox):
                  lr: float = 3e-3,  # from scratch: the budget of checkpoints/cnn-synthetic (timm keeps 1e-3)
                  **base) -> None:
         super().__init__(posthoc, cam_layer, lr=lr, **base)
-        self._attach(build_backbone("zoo_cnn", self.in_channels, widths=tuple(widths)))
+        self._attach(build_backbone("zoo_cnn", self.in_channels, widths=widths))
 
 
 @register_model("timm")

@@ -6,7 +6,7 @@ Each non-overlapping P×P patch is classified on its own by one shared small CNN
 outside its patch), so every patch's contribution is exact and independent of the others — the
 "per-feature additive" model class of the Sum-of-Parts paper's claim (features = patches). It is the
 comparison model of the interaction experiment (conf/experiment/sop_interaction.yaml): when the label
-is an interaction of two parts (XOR on ``synthetic_interaction``), no such model can beat ~75 % unless
+is an interaction of two parts (XOR on ``synthetic-interaction``), no such model can beat ~75 % unless
 both parts fall into one patch, while a group model can.
 
 Explanation (``kind="patch"``): ``patch_logits`` (B,K,h,w); ``contributions`` (B,K,h·w) + ``bias``
@@ -45,7 +45,7 @@ class PatchAdditive(SelfExplainingModule):
             raise ValueError(f"patch_size must be ≥ 4 and divide image_size ({self.image_size}), got {patch_size}")
         self.patch_size = patch_size
         self.grid = self.image_size // patch_size
-        self.patch_net = build_backbone("zoo_cnn", self.in_channels, widths=tuple(widths))
+        self.patch_net = build_backbone("zoo_cnn", self.in_channels, widths=widths)
         self.patch_head = nn.Linear(self.patch_net.out_channels, self.num_classes, bias=False)
         self.bias = nn.Parameter(torch.zeros(self.num_classes))
 

@@ -42,15 +42,11 @@ a training penalty on the spread across classes of a blank (``pad_value`` = mid-
 so that a patch with no content leans to no class. Why: padding and deletion metrics fill with that
 grey, and the unpenalised model answers an all-grey image with class 0 at p = 1.00 (a blank patch is
 far out of distribution: its logits were ≈ (66, 30, −89, −112)); with the penalty the all-grey image
-gets p ≈ (0.25, 0.25, 0.23, 0.27). Measured 2026-12-01 (seed 0, full budget, class-balanced 256 test
-images, same-run CNN: acc 0.998, best-layer Grad-CAM hit 0.887 / deletion 0.234):
-  weight 0:    acc 0.989; refined map hit 1.000 / deletion 0.296 (unscaled detail), ≈ 0.27 scaled;
-  weight 0.01: acc 0.983; refined map hit 0.977 / deletion 0.183 (scaled detail, :func:`refine`),
-               raw map 0.465 / 0.195, dense map 1.000 / 0.246 (the published checkpoint's card).
-Subtracting f(blank) exactly (with or without gradient through the reference) did not train (val acc
-≤ 0.45), so it is not offered.
+gets p ≈ (0.25, 0.25, 0.23, 0.27). The blank weight's effect on accuracy and the maps, and why
+subtracting f(blank) exactly is not offered: docs/notes/patchnet.md.
 
-Reference: MedicalPatchNet (TruhnLab/MedicalPatchNet); facts in /work/shared/REFERENCES.md §2.
+Reference: Wienholt et al., "MedicalPatchNet: A Patch-Based Self-Explainable AI Architecture for Chest
+X-ray Classification" (2025); code TruhnLab/MedicalPatchNet.
 """
 
 from __future__ import annotations
@@ -77,8 +73,7 @@ def refine(raw: Tensor, detail: Tensor) -> Tensor:
     values) / max |detail|. Pixels then rank first by their patch's logit (the model's own
     decomposition), and the dense detail (zero mean over every patch, so the sums stay exact) only
     orders pixels *within* a patch. Unscaled (α = 1) the detail of a weaker patch can outrank the
-    top patch: on the synthetic checkpoint deletion AUC 0.265 unscaled vs 0.183 scaled, hit rate 0.996 vs
-    0.977 (measured 2026-12-01)."""
+    top patch (docs/notes/patchnet.md: deletion AUC 0.265 unscaled vs 0.183 scaled)."""
     values = raw.flatten(1).sort(dim=1).values  # (B,H·W)
     steps = values.diff(dim=1)
     tol = 1e-5 * values.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # float noise inside a plateau
@@ -126,12 +121,8 @@ class MedicalPatchNet(SelfExplainingModule):
         if dense_stride is not None and not 1 <= dense_stride <= patch_size:
             raise ValueError(f"dense_stride must be in 1..patch_size ({patch_size}), got {dense_stride}")
         self.patch_size = patch_size
-        if backbone == "patch_cnn":
-            self.backbone = PatchCNN(self.in_channels, patch_size, widths=tuple(widths))
-        elif backbone == "zoo_cnn":
-            self.backbone = build_backbone("zoo_cnn", self.in_channels, widths=tuple(widths))
-        else:
-            self.backbone = build_backbone(backbone, self.in_channels, pretrained=pretrained)
+        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained,
+                                       patch_size=patch_size)
         self.head = nn.Linear(self.backbone.out_channels, self.num_classes)  # shared by every patch
 
     def _resolve_map(self, choice: str | None) -> str:

@@ -1,4 +1,5 @@
-"""Feature extractors every family can sit on: the zoo's small CNN and any timm model.
+"""Feature extractors every family can sit on: the zoo's small CNN, the per-patch CNN and any timm
+model, built by :func:`build_backbone` and loaded from a saved zoo model by :func:`load_pretrained`.
 
 A backbone maps images (B,C,H,W) to a feature map (B,D,h,w) and exposes ``out_channels`` (D) and
 ``reduction`` (H/h). Families never care which one they got.
@@ -6,10 +7,16 @@ A backbone maps images (B,C,H,W) to a feature map (B,D,h,w) and exposes ``out_ch
 
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from zoo import hub
+from zoo.nets.patches import PatchCNN
+
+log = logging.getLogger("zoo")
 
 
 class SmallCNN(nn.Module):
@@ -59,11 +66,50 @@ class TimmBackbone(nn.Module):
         return self.body(x)[-1]
 
 
-def build_backbone(name: str = "zoo_cnn", in_channels: int = 1, pretrained: bool = False, **kwargs) -> nn.Module:
-    """``"zoo_cnn"`` → :class:`SmallCNN` (kwargs: widths); anything else → a timm model of that name."""
-    if name == "zoo_cnn":
-        return SmallCNN(in_channels, **kwargs)
-    return TimmBackbone(name, in_channels=in_channels, pretrained=pretrained, **kwargs)
+def build_backbone(name: str = "zoo_cnn", in_channels: int = 1, widths: Sequence[int] | None = None,
+                   pretrained: bool = False, patch_size: int | None = None,
+                   timm_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """The one place a family's ``backbone`` hyperparameter becomes a module:
+
+    * ``"zoo_cnn"`` → :class:`SmallCNN` with stage ``widths`` (default (32, 64, 128));
+    * ``"patch_cnn"`` → :class:`zoo.nets.patches.PatchCNN`, receptive field exactly ``patch_size``;
+    * anything else → the timm model of that name (``pretrained``; ``timm_kwargs`` go to
+      ``timm.create_model``, e.g. a ViT's own ``patch_size``; ``widths`` unused).
+    """
+    if name in ("zoo_cnn", "patch_cnn"):
+        if timm_kwargs:
+            raise ValueError(f"backbone {name!r} takes no timm arguments, got {sorted(timm_kwargs)}")
+        kwargs = {} if widths is None else {"widths": tuple(widths)}
+        if name == "zoo_cnn":
+            return SmallCNN(in_channels, **kwargs)
+        if patch_size is None:
+            raise ValueError("backbone 'patch_cnn' needs patch_size")
+        return PatchCNN(in_channels, patch_size, **kwargs)
+    return TimmBackbone(name, in_channels=in_channels, pretrained=pretrained, **(timm_kwargs or {}))
+
+
+def load_pretrained(source: str, parts: Mapping[str, nn.Module], owner: str, mismatch: str,
+                    missing: str = "raise") -> bool:
+    """The one pretrained loader: copy into each module of ``parts`` (name → module, e.g.
+    ``{"backbone": self.backbone, "head": self.head}``) the weights of the same-named part of a saved zoo
+    model — a folder, a pretrained name under checkpoints/ or a Lightning ``.ckpt`` (``zoo.load``).
+
+    A part the donor lacks, or weights that do not fit, is a ValueError ``"<owner>: <source> (<donor>)
+    <mismatch>: ..."``. A source that is not there raises FileNotFoundError, or with ``missing="warn"``
+    logs a warning and loads nothing (the parts stay as initialised). Returns whether it loaded."""
+    try:
+        donor = hub.load(source)
+    except FileNotFoundError:
+        if missing != "warn":
+            raise
+        log.warning("%s: pretrained weights %r not found; the %s stays random", owner, source, " and ".join(parts))
+        return False
+    try:
+        for name, module in parts.items():
+            module.load_state_dict(getattr(donor, name).state_dict())
+    except (AttributeError, RuntimeError) as err:
+        raise ValueError(f"{owner}: {source!r} ({donor.model_name}) {mismatch}: {err}") from None
+    return True
 
 
 def conv_layer_names(module: nn.Module) -> list[str]:

@@ -1,4 +1,5 @@
-"""Probabilistic prototypes (Prob-PSENN): every prototype is a Gaussian N(μ_j, diag σ_j²).
+"""Probabilistic prototypes (Prob-PSENN, Vadillo et al., 2024): every prototype is a Gaussian
+N(μ_j, diag σ_j²).
 
 Training draws reparameterised prototype samples p = μ + σ ⊙ ε (one set per step, shared by the
 batch) and minimises the ProtoPNet loss on them + a KL term that keeps σ near a prior scale
@@ -19,13 +20,13 @@ over samples of the exact per-sample maps (it sums to the mean sampled target lo
 log predictive probability); ``extras["sample_contributions"]`` (S,B,K,P) sum to
 ``extras["sample_logits"]`` (S,B,K) exactly.
 
-No public code exists (REFERENCES.md §1); this follows the paper's description.
+No public code exists; this follows the paper's description. Calibration and OOD rows: report.py.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,10 @@ from zoo.explanation import Explanation
 from zoo.nets.backbones import build_backbone
 from zoo.registry import register_model
 
-from .parts import PrototypeNetwork, check_view
+from .attribution import check_view
+from .network import PrototypeNetwork
 from .protopnet import DEFAULT_SCHEDULE, add_on_layers
+from .report import uncertainty_rows
 
 
 @register_model("prob_protopnet")
@@ -77,8 +80,7 @@ class ProbProtoPNet(PrototypeNetwork):
             raise ValueError(f"n_samples must be ≥ 2 to estimate uncertainty, got {n_samples}")
         if prior_std <= 0 or init_std <= 0:
             raise ValueError("prior_std and init_std must be > 0")
-        self.backbone = build_backbone(backbone, self.in_channels, pretrained=pretrained,
-                                       **({"widths": tuple(widths)} if backbone == "zoo_cnn" else {}))
+        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained)
         self.add_on = add_on_layers(self.backbone.out_channels, prototype_dim)
         self._build_head(prototype_dim, prototypes_per_class, similarity, incorrect_weight,
                          keep_push_images=keep_push_images)
@@ -169,10 +171,9 @@ class ProbProtoPNet(PrototypeNetwork):
 
     # ------------------------------------------------------------------ OOD / calibration report
     def image_report_rows(self, datamodule, baseline=None, n_images: int = 256) -> dict[str, dict[str, float]]:
+        """The family's EvalProtoPNet rows, then calibration and OOD detection (report.py)."""
         rows = super().image_report_rows(datamodule, baseline, n_images)
-        from .uncertainty import uncertainty_report
-
-        rows.update(uncertainty_report(self, datamodule))
+        rows.update(uncertainty_rows(self, datamodule))
         return rows
 
 

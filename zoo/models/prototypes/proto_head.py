@@ -1,32 +1,28 @@
-"""A prototype head over a frozen backbone (ProtoFM-style, "Tell me why").
+"""A prototype head over a frozen backbone (ProtoFM-style: "Tell me why", a prototype head on a
+frozen foundation model).
 
 Only a light head is trained (≤ 1M parameters, checked in the tests): a 1×1-conv projection of the
 frozen backbone's patch tokens / feature map, cosine prototypes and the ProtoPNet last layer. The
 backbone is any timm model (``pretrained=True`` where a user has the weights) or the zoo CNN; since
 nothing can be downloaded here, ``backbone_checkpoint`` loads backbone weights from a zoo
 checkpoint folder (e.g. ``checkpoints/cnn-synthetic``, the black-box baseline's backbone) and falls
-back to a random backbone with a warning when the folder is absent.
+back to a random backbone with a warning when the folder is absent (zoo.nets.backbones.load_pretrained).
 
 Cosine similarities lie in [−1, 1], so the last layer starts at ``last_layer_scale``·(+1/−0.5)
 (a temperature folded into W: the contributions W·g still sum to the logits). Everything else —
-loss, push, explanation — is the family's (parts.py).
+loss, push, explanation — is the family's (network.py).
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Sequence
 
-from safetensors.torch import load_file
 from torch import nn
 
-from zoo.nets.backbones import build_backbone
+from zoo.nets.backbones import build_backbone, load_pretrained
 from zoo.registry import register_model
 
-from .parts import PrototypeNetwork
-
-log = logging.getLogger("zoo.prototypes")
+from .network import PrototypeNetwork
 
 
 @register_model("proto_head")
@@ -65,8 +61,7 @@ class ProtoHead(PrototypeNetwork):
         **base,
     ) -> None:
         super().__init__(schedule=schedule, lr=lr, scheduler=scheduler, **base)
-        self.backbone = build_backbone(backbone, self.in_channels, pretrained=pretrained,
-                                       **({"widths": tuple(widths)} if backbone == "zoo_cnn" else {}))
+        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained)
         if backbone_checkpoint:
             self._load_backbone(backbone_checkpoint)
         for p in self.backbone.parameters():
@@ -86,21 +81,9 @@ class ProtoHead(PrototypeNetwork):
         self.backbone.eval()
 
     def _load_backbone(self, source: str) -> None:
-        from zoo.hub import pretrained_root
-
-        folder = Path(source) if Path(source).exists() else pretrained_root() / source
-        weights = folder / "model.safetensors"
-        if not weights.is_file():
-            log.warning("proto_head: backbone checkpoint %r not found; the backbone stays random", source)
-            return
-        state = {k[len("backbone."):]: v for k, v in load_file(weights).items() if k.startswith("backbone.")}
-        if not state:
-            raise ValueError(f"proto_head: {weights} holds no 'backbone.*' weights")
-        try:
-            self.backbone.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"proto_head: the backbone weights in {folder} do not fit backbone="
-                             f"{self.hparams.backbone!r} with in_channels={self.in_channels}: {err}") from None
+        load_pretrained(source, {"backbone": self.backbone}, self.model_name, missing="warn",
+                        mismatch=f"has backbone weights that do not fit backbone={self.hparams.backbone!r} "
+                                 f"with in_channels={self.in_channels}")
 
     def set_trainable(self, parts: Sequence[str]) -> None:
         super().set_trainable([p for p in parts if p != "backbone"])

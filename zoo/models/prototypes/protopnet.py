@@ -6,10 +6,12 @@ prototypes compared with every feature-map patch (log-L2 as in the paper, or cos
 
 The training schedule is data (``schedule`` hyperparameter, default ``DEFAULT_SCHEDULE`` below):
 warm (add-on + prototypes) → joint (+ backbone) → push → last_layer, repeatable; phases are
-applied by :meth:`PrototypeNetwork.enter_phase` (parts.py), push by push.py.
+applied by :meth:`PrototypeNetwork.apply_phase` (network.py), push by push.py.
 
-Explanation: see parts.py (contributions sum to the logits, exact attribution sums to the target
-logit, prototype maps, top-k prototypes with their push provenance).
+Where the parts live: distance and similarity in similarity.py, the loss in losses.py, the
+attribution map in attribution.py, the shared network (explanation, schedule) in network.py.
+Explanation: contributions sum to the logits, the exact attribution sums to the target logit,
+prototype maps, top-k prototypes with their push provenance.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from zoo.nets.backbones import build_backbone
 from zoo.registry import register_model
 
-from .parts import PrototypeNetwork
+from .network import PrototypeNetwork
 
 # From scratch (no pretrained weights offline): 2 CE-only joint epochs first — with the paper's
 # cluster cost from the start, features collapse onto the random prototypes and CE never moves —
@@ -79,8 +81,7 @@ class ProtoPNet(PrototypeNetwork):
         **base,
     ) -> None:
         super().__init__(schedule=schedule, lr=lr, scheduler=scheduler, **base)
-        self.backbone = build_backbone(backbone, self.in_channels, pretrained=pretrained,
-                                       **({"widths": tuple(widths)} if backbone == "zoo_cnn" else {}))
+        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained)
         self.add_on = add_on_layers(self.backbone.out_channels, prototype_dim)
         self._build_head(prototype_dim, prototypes_per_class, similarity, incorrect_weight,
                          last_layer_scale=last_layer_scale, keep_push_images=keep_push_images)

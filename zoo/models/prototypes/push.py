@@ -1,7 +1,7 @@
 """Push (prototype projection) as a pure, vectorised function over a training set.
 
 ProtoPNet's push replaces every prototype p_j of class c(j) by the training patch of class c(j)
-nearest to it (REFERENCES.md §1). Here it is a function, not a method that mutates a model:
+nearest to it (Chen et al., NeurIPS 2019). Here it is a function, not a method that mutates a model:
 
     result = push_prototypes(features, prototypes, prototype_class, dataset, distance, ...)
     model.prototypes.data.copy_(result.prototypes)

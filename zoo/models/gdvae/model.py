@@ -1,5 +1,12 @@
 """GdVAE: the Gaussian Discriminant Variational Autoencoder — a classifier whose explanations are
-closed-form counterfactual images (Haselhoff et al.; facts in REFERENCES.md §4).
+closed-form counterfactual images (Haselhoff, Trelenberg, Küppers, Schneider, "The Gaussian
+Discriminant Variational Autoencoder (GdVAE): A Self-Explainable Model with Counterfactual
+Explanations", ECCV 2024; reference notebooks: trustinai/gdvaecode).
+
+Why this file is over 400 lines: it is one model class (the discriminant, the closed-form
+counterfactuals, the explanation and the losses share one latent layout), and this docstring states
+the method. The networks are in networks.py, the evaluation rows and the gradient-search baseline in
+report.py, the measurement history in docs/notes/gdvae.md.
 
 The model, top to bottom
 ------------------------
@@ -22,7 +29,7 @@ Object-centric layout (``decoder="object"``, used on the synthetic evidence imag
 ----------------------------------------------------------------------------------
 With one decoder the class code reaches every pixel, so a counterfactual redraws the whole image:
 on synthetic, 16 % of the change fell inside the evidence object's box (8 % in its mask) and
-validity toward the worst class stayed at 0.79 (see "Tried" below). The object layout makes the
+validity toward the worst class stayed at 0.79 (docs/notes/gdvae.md). The object layout makes the
 locality structural:
 
 * the encoder pools the class dims with a learned attention (softmax over the feature map's cells)
@@ -92,49 +99,23 @@ D dims alike (24 of 32 are style dims), while validity asks only whether the cla
 learns from this term (the encoder is frozen for it, see ``_consistency``): an encoder that learns
 from decoded images colludes with the decoder on a class code spread over the whole image.
 
-Training details (measured on synthetic, see the card): prototypes start at unit scale
+Training details (measured on synthetic, docs/notes/gdvae.md): prototypes start at unit scale
 (``prototype_init``; 0.1 puts every class at one point and the latent KL keeps them there), and the
 encoder's BatchNorm statistics are recomputed at the final weights after training (``on_train_end``).
 
 Deviation in the weights: the reference's 0.1·CE sits next to its own normalisation of the ELBO; with
 ours (sums over pixels and latent dimensions, ~150 nats per 32 px image) a weight of 0.1 left the
 classifier at chance after 4 epochs on the synthetic data (measured with the earlier single-head
-encoder, whose flattened-map noise was the larger culprit, see _Encoder). ce_weight = 50 (≈ 0.05 per
+encoder, whose flattened-map noise was the larger culprit, see networks.Encoder). ce_weight = 50 (≈ 0.05 per
 pixel) trains it.
 
-Measured on synthetic (seed 0, 12 epochs × 4000 images; checkpoints/gdvae-synthetic/card.md): with the
-object layout, accuracy 0.998; validity toward every other class at δ = 0.9 is 0.99 (worst class 0.96;
-minimal path 0.98 / 0.95), and of |x_0.5 − x̂| 83 % lies in the evidence object's box and 52 % in its
-pixel mask — where a pixel-exact shape swap (square → disc, …) scores 50 %, because the target
-shape's pixels lie outside the source's mask. Seeds 1 / 2 on the same test images: worst class
-0.98 / 0.94 (after 8 epochs: seeds 0 / 1 / 2 gave 0.97 / 0.94 / 0.75, hence 12). Glyph windows
-(8 epochs): 0.5 of the side → box 0.67 vs 0.71 at 0.375; 0.3 → the shape no longer fits around the
-centroid's error, validity 0.46.
-With the plain decoder (``consistency_class_weight=50``): accuracy 0.996; validity 0.88 (worst
-class 0.79), box 0.16, mask 0.08 — 0.63 / 0.41 validity without the class term, 0.35 without
-``decoder_film``. A consistency (L2) weight of 50 made that decoder collapse (reconstruction 133 →
-655 nats).
-
-Tried and reverted with the plain decoder (seed 0, synthetic, 8 epochs; validity toward every other class at δ = 0.9 over 256
-test images / share of |x_0.5 − x| in the evidence mask; the model published before the class term measured
-0.63 / 0.07 this way):
-* residual counterfactual ``x + Dec(z_δ) − Dec(z)`` on the published model: 0.001 / 0.10 — the encoder
-  still reads the untouched real evidence, the decoded change does not redraw it; trained with the
-  consistency term on that residual image: 0.16 / 0.12;
-* a spatial (4×4 map) style latent read in place by the decoder, with residual consistency: 0.23 / 0.07
-  (0.38 decoding Dec(z_δ) directly); the decoder edits the distractor rings, not the evidence shape;
-* recon σ 0.3 (sharper decoder): 0.44 / 0.07 (0.03 / 0.16 with the residual form);
-* with the class term (2026-12-01, same protocol, minimal path): weight 50 → 0.88 / 0.08 (published until the object layout);
-  weight 200, or 100 with two convs per decoder stage, or 50 with two convs per stage → the decoder
-  ignores the class (validity 0.23–0.25, change in the mask 0.00); 50 with a layered decoder
-  (background from the style dims, class layer composited through an L1-priced mask, 0.05 nats/px)
-  → the mask switched off (0.23 / 0.00).
+Measured results (accuracy, validity, change inside the evidence) are in the model cards
+(checkpoints/gdvae-*/card.md) and, with what was tried and reverted, in docs/notes/gdvae.md.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Sequence
 
 import torch
@@ -143,152 +124,16 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
 from zoo.base import SelfExplainingModule
-from zoo.metrics import counterfactuals as CF
 from zoo.explanation import Explanation
-from zoo.nets.backbones import build_backbone
+from zoo.metrics.targets import class_targets
 from zoo.registry import register_model
+
+from .networks import Decoder, Encoder, ObjectDecoder
+from .report import counterfactual_rows
 
 CF_METHODS = ("minimal", "prototype")
 DECODERS = ("plain", "object")
-WHERE_DIMS = 2  # object-centric layout: the glyph centre (x, y), right after the class dims
 ATTRIBUTION_REFERENCES = ("reconstruction", "input")
-
-
-class _Encoder(nn.Module):
-    """The zoo's small CNN (two 3×3 conv-BN-ReLU per stage, 2×2 max-pool between stages) → mean and
-    log-variance of q(z|x), split in two blocks:
-
-    * class dims ``z[:, :class_dims]`` from the global average pool: position-free evidence, exactly
-      what the black-box baseline's head sees (a small object anywhere in the image);
-    * style dims ``z[:, class_dims:]`` from the flattened 4×4-pooled map: *where* things are and the
-      background, needed to reconstruct.
-
-    Why split (measured on synthetic, cross-entropy only, 2 epochs): one linear head over [flattened
-    map, pool] reached 0.52 train accuracy, the pooled part alone 0.98 — Adam moves each of the 2048
-    flattened-map weights as fast as the 128 pooled ones, and that noise swamps the class evidence.
-    BatchNorm trains this trunk far faster than GroupNorm/no norm here; its running statistics are
-    recomputed after training (GdVAE.on_train_end) and decoded counterfactuals are re-encoded with
-    running statistics in training (see GdVAE._consistency)."""
-
-    def __init__(self, in_channels: int, image_size: int, widths: Sequence[int], latent_dim: int,
-                 class_dims: int, object_centric: bool = False) -> None:
-        super().__init__()
-        self.features = build_backbone("zoo_cnn", in_channels, widths=tuple(widths))
-        self.pool = nn.AdaptiveAvgPool2d(4)  # fixed 4×4 grid whatever the input size
-        c = self.features.out_channels
-        self.class_head = nn.Linear(c, 2 * class_dims)
-        # Object-centric: the class dims pool the map with a learned attention (softmax over positions)
-        # instead of uniformly, and the attention's centroid is the two "where" dims (see _ObjectDecoder).
-        self.attention = nn.Conv2d(c, 1, 1) if object_centric else None
-        where = WHERE_DIMS if object_centric else 0
-        style_dims = latent_dim - class_dims - where
-        if style_dims < 0:
-            raise ValueError(f"gdvae: latent_dim={latent_dim} leaves no room for {class_dims} class dims "
-                             f"and {where} where dims")
-        # The glyph position is near-deterministic: log-variance −6 is a std of 0.05 (< 1 px at 32 px).
-        self.where_logvar = nn.Parameter(torch.full((where,), -6.0)) if where else None
-        self.style_head = nn.Linear(c * 16, 2 * style_dims) if style_dims else None
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # (B,C,H,W) -> (B,D), (B,D)
-        h = self.features(x)  # (B,c,h,w)
-        if self.attention is None:
-            pooled = h.mean(dim=(2, 3))  # (B,c)
-        else:
-            hh, ww = h.shape[-2:]
-            attn = self.attention(h).flatten(1).softmax(1)  # (B,h·w)
-            pooled = torch.einsum("bn,bcn->bc", attn, h.flatten(2))
-            rows, cols = torch.meshgrid(_cell_centres(hh, h), _cell_centres(ww, h), indexing="ij")
-            where = torch.stack([attn @ cols.flatten(), attn @ rows.flatten()], 1)  # (B,2) centroid (x, y)
-        mean, logvar = self.class_head(pooled).chunk(2, dim=1)
-        if self.attention is not None:
-            mean = torch.cat([mean, where], 1)
-            logvar = torch.cat([logvar, self.where_logvar.expand(mean.shape[0], -1)], 1)
-        if self.style_head is not None:
-            mean_s, logvar_s = self.style_head(self.pool(h).flatten(1)).chunk(2, dim=1)
-            mean, logvar = torch.cat([mean, mean_s], 1), torch.cat([logvar, logvar_s], 1)
-        return mean, logvar.clamp(-10, 6)  # clamp: exp() stays finite early in training
-
-
-def _cell_centres(n: int, like: Tensor) -> Tensor:
-    """Centres of n equal cells of [-1, 1] (grid_sample's align_corners=False convention)."""
-    return (torch.arange(n, device=like.device, dtype=like.dtype) + 0.5) * (2 / n) - 1
-
-
-class _Decoder(nn.Module):
-    """[z, y] → a (width, s0, s0) grid → (upsample ×2, 3×3 conv) per stage → tanh image in [-1, 1].
-    s0 = ceil(image_size / 2^stages); a final resize handles sizes that are not a power-of-two
-    multiple (28 px: 4 → 32 → 28)."""
-
-    def __init__(self, out_channels: int, image_size: int, widths: Sequence[int], latent_dim: int,
-                 num_classes: int, film: bool = False) -> None:
-        super().__init__()
-        widths = list(widths)[::-1]  # deepest first
-        self.image_size, self.width0 = image_size, widths[0]
-        self.s0 = math.ceil(image_size / 2 ** len(widths))
-        self.fc = nn.Linear(latent_dim + num_classes, widths[0] * self.s0 * self.s0)
-        layers, c = [], widths[0]
-        for w in widths[1:] + [widths[-1]]:
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, w, 3, padding=1), nn.SiLU()]
-            c = w
-        self.body = nn.Sequential(*layers)
-        self.out = nn.Conv2d(c, out_channels, 3, padding=1)
-        # Optional FiLM: the class vector also scales/shifts every stage's channels (zero-init: starts as
-        # the plain decoder), so a class change can redraw features at every resolution.
-        self.film = nn.ModuleList(nn.Linear(num_classes, 2 * m.out_channels) for m in layers
-                                  if isinstance(m, nn.Conv2d)) if film else None
-        if self.film is not None:
-            for lin in self.film:
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
-
-    def forward(self, z: Tensor, y: Tensor, activation: bool = True) -> Tensor:
-        """(B,D), (B,K) class vector -> (B,C,H,W) image (tanh), or its pre-activation."""
-        h = F.silu(self.fc(torch.cat([z, y], dim=1))).view(-1, self.width0, self.s0, self.s0)
-        if self.film is None:
-            h = self.body(h)
-        else:
-            films = iter(self.film)
-            for layer in self.body:
-                h = layer(h)
-                if isinstance(layer, nn.Conv2d):
-                    gamma, beta = next(films)(y)[:, :, None, None].chunk(2, dim=1)
-                    h = h * (1 + gamma) + beta
-        h = self.out(h)
-        if h.shape[-1] != self.image_size:
-            h = F.interpolate(h, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return torch.tanh(h) if activation else h
-
-
-class _ObjectDecoder(nn.Module):
-    """Dec(z, y) = tanh(B(z_style) + place(G(z, y), z_where)): a background decoder B that sees the style
-    dims only, plus an object *glyph* G (a small canvas drawn from z and the class vector) pasted at the
-    two "where" dims by a spatial transformer (affine_grid / grid_sample, zero outside the window).
-
-    Why: with one decoder the class vector and class dims reach every pixel, and a counterfactual redraws
-    the whole image (measured with the plain decoder: 8 % of the change inside the evidence mask). Here
-    the class can only change pixels inside the glyph window, which the encoder's class attention puts
-    on the evidence. The glyph spans ``glyph_fraction`` of the image side."""
-
-    def __init__(self, out_channels: int, image_size: int, widths: Sequence[int], latent_dim: int,
-                 num_classes: int, class_dims: int, film: bool = False, glyph_fraction: float = 0.5,
-                 glyph_px: int = 16) -> None:
-        super().__init__()
-        self.class_dims, self.fraction = class_dims, float(glyph_fraction)
-        style_dims = latent_dim - class_dims - WHERE_DIMS
-        self.background = _Decoder(out_channels, image_size, widths, style_dims, 0)
-        self.glyph = _Decoder(out_channels, glyph_px, widths, latent_dim, num_classes, film=film)
-
-    def forward(self, z: Tensor, y: Tensor) -> Tensor:  # (B,D), (B,K) -> (B,C,H,W)
-        where = z[:, self.class_dims:self.class_dims + WHERE_DIMS]  # (B,2) glyph centre (x, y) in [-1, 1]
-        background = self.background(z[:, self.class_dims + WHERE_DIMS:], z.new_zeros(z.shape[0], 0), False)
-        glyph = self.glyph(z, y, activation=False)  # (B,C,g,g)
-        # Output pixel p samples the glyph at (p − where) / fraction: the glyph's centre lands on `where`.
-        theta = z.new_zeros(z.shape[0], 2, 3)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1 / self.fraction
-        theta[:, :, 2] = -where / self.fraction
-        grid = F.affine_grid(theta, list(background.shape), align_corners=False)
-        placed = F.grid_sample(glyph, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return torch.tanh(background + placed)
 
 
 def pairwise_log_odds(target_prob: float | Sequence[float] | Tensor) -> Tensor:
@@ -304,6 +149,7 @@ class GdVAE(SelfExplainingModule):
     """Gaussian Discriminant VAE (see the module docstring for the model, losses and deviations)."""
 
     explanation_kind = "counterfactual"
+    cf_methods = CF_METHODS  # the latent paths a counterfactual may take (report.py reports both)
     phases = ("vae", "consistency")  # the consistency terms join in the second (module docstring)
 
     def __init__(
@@ -356,13 +202,13 @@ class GdVAE(SelfExplainingModule):
         if not 0 < glyph_fraction <= 1:
             raise ValueError(f"gdvae: glyph_fraction must be in (0, 1] (the glyph window's share of the image "
                              f"side), got {glyph_fraction}")
-        self.encoder = _Encoder(self.in_channels, self.image_size, widths, latent_dim, class_dims,
+        self.encoder = Encoder(self.in_channels, self.image_size, widths, latent_dim, class_dims,
                                 object_centric=decoder == "object")
         if decoder == "object":
-            self.decoder = _ObjectDecoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes,
+            self.decoder = ObjectDecoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes,
                                           class_dims, film=bool(decoder_film), glyph_fraction=glyph_fraction)
         else:
-            self.decoder = _Decoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes,
+            self.decoder = Decoder(self.in_channels, self.image_size, widths, latent_dim, self.num_classes,
                                     film=bool(decoder_film))
         # Prototypes μ_k: small random init — distinct (zeros give identical logits), yet logits start
         # near uniform (unit-scale means give logit gaps of ~D/2 and a slow, saturated start).
@@ -436,11 +282,7 @@ class GdVAE(SelfExplainingModule):
         """(B,) counterfactual classes; default the highest-scoring class other than `target`."""
         if cf_target is None:
             return logits.scatter(1, target[:, None], float("-inf")).argmax(1)
-        cf_target = torch.as_tensor(cf_target, device=logits.device, dtype=torch.long)
-        if cf_target.ndim == 0:
-            cf_target = cf_target.expand(logits.shape[0])
-        if cf_target.numel() and (int(cf_target.min()) < 0 or int(cf_target.max()) >= self.num_classes):
-            raise ValueError(f"gdvae: cf_target class out of range 0..{self.num_classes - 1}")
+        cf_target = class_targets(cf_target, logits.shape[0], logits.device, self.num_classes, "gdvae: cf_target class")
         if (cf_target == target).any():
             raise ValueError("gdvae: cf_target must differ from the explained class (target)")
         return cf_target
@@ -512,17 +354,10 @@ class GdVAE(SelfExplainingModule):
         return {f"{other} path": {"method": other}, f"|x_cf - {ref}|": {"attribution_reference": ref}}
 
     # ------------------------------------------------------------------ counterfactual metrics
-    def image_report_rows(self, datamodule, baseline=None, n_images: int = 256, prob: float = 0.9,
-                          gradient_images: int = 128) -> dict[str, dict[str, float]]:
-        """Rows for the run's table (zoo.training calls this hook after the explanation metrics)."""
-        from zoo.evaluation import take_images  # lazy: evaluation imports models' neighbours
-
-        self.eval()
-        batch = take_images(datamodule, "test", n_images)
-        datamodule.setup("fit")
-        reference = take_images(datamodule, "train", 2000)
-        return counterfactual_report(self, batch, reference, baseline=baseline, prob=prob,
-                                     gradient_images=gradient_images)
+    def image_report_rows(self, datamodule, baseline=None, n_images: int = 256) -> dict[str, dict[str, float]]:
+        """Counterfactual validity / proximity / locality rows and the gradient-search comparison
+        (report.py), after the shared explanation metrics."""
+        return counterfactual_rows(self, datamodule, baseline=baseline, n_images=n_images)
 
     # ------------------------------------------------------------------ training
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -606,135 +441,3 @@ class GdVAE(SelfExplainingModule):
             self.encoder.train(mode)
         class_kl = F.kl_div(self.latent_logits(mean_cf).log_softmax(1), y_cf, reduction="batchmean")
         return (mean_cf - z_cf).square().sum(1).mean(), class_kl
-
-
-def gradient_counterfactuals(model: GdVAE, x: Tensor, source: Tensor, target: Tensor, prob: float = 0.9,
-                             objective: str = "latent", steps: int = 100, lr: float = 0.05,
-                             distance_weight: float = 0.01) -> dict[str, Tensor]:
-    """The comparison point: a gradient-based latent counterfactual search on the same model.
-
-    Starts at z₀ = m(x) and runs Adam on ``softplus(−(logit_k − logit_c)) + λ‖z − z₀‖²`` (i.e.
-    −log of the pairwise probability p̃_k = p_k/(p_c+p_k), plus a proximity term) until p̃_k ≥ `prob`
-    per image (finished images stop moving), at most `steps` steps.
-    ``objective="latent"``: p̃_k of the latent classifier at z (the criterion the closed form solves);
-    ``objective="cycle"``: p̃_k of the classifier on the re-encoded decoded image m(Dec(z)) (REVISE-style;
-    it optimises validity directly). Returns {"images" (B,C,H,W), "latents" (B,D), "steps" (B,)}."""
-    if objective not in ("latent", "cycle"):
-        raise ValueError(f"objective must be 'latent' or 'cycle', got {objective!r}")
-    with torch.no_grad():
-        z0, _ = model.encode(x)
-    z = z0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
-    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    used = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    rows = torch.arange(x.shape[0], device=x.device)
-    with torch.enable_grad():
-        for _ in range(steps):
-            zz = model.encode(model.decode(z))[0] if objective == "cycle" else z
-            logits = model.latent_logits(zz)
-            pair = logits[rows, target] - logits[rows, source]  # log-odds of k vs c
-            done = done | (torch.sigmoid(pair) >= prob).detach()
-            if bool(done.all()):
-                break
-            used += (~done).long()
-            loss = (F.softplus(-pair) + distance_weight * (z - z0).square().sum(1))[~done].sum()
-            opt.zero_grad()
-            loss.backward()
-            z.grad[done] = 0  # finished images stay where they crossed
-            opt.step()
-    with torch.no_grad():
-        z = z.detach()
-        return {"images": model.decode(z), "latents": z, "steps": used}
-
-
-@torch.no_grad()
-def counterfactual_report(model: GdVAE, batch: dict[str, Tensor], reference: dict[str, Tensor], baseline=None,
-                          prob: float = 0.9, gradient_images: int = 128,
-                          gradient_steps: int = 100) -> dict[str, dict[str, float]]:
-    """Counterfactual metrics toward *every* class other than the prediction, at pairwise target
-    probability `prob`, for both closed-form paths, plus the gradient-based search (toward the
-    runner-up on the first `gradient_images` images) for validity and time.
-
-    Columns: ``cf_validity`` (re-encoded CF classified as the target), ``cf_validity_worst`` (the
-    worst target class), ``cf_latent_validity`` (full softmax argmax at z_δ), ``cf_proximity_l1``,
-    ``cf_latent_consistency``, ``cf_realism_conf`` (baseline CNN's probability of the target on x_δ),
-    ``cf_nn_dist`` / ``real_nn_dist`` (RMS distance to the nearest training image of the target /
-    own class, for CFs / real test images), ``cf_mass_in_mask`` (|x_0.5 − x̂|),
-    ``cf_mass_in_mask_input`` (|x_0.5 − x|) and ``cf_mass_in_box`` (|x_0.5 − x̂| inside the evidence
-    object's bounding box ± 1 px, where any class's shape at that place would lie: a pixel-exact shape
-    swap scores 1.00 there and 0.50 in the source mask, see CF.bounding_box_mask) when masks exist,
-    ``cf_ms`` (milliseconds per CF)."""
-    device = model.device
-    x = batch["image"].to(device)
-    masks = batch.get("mask")
-    ref_x, ref_y = reference["image"].to(device), reference["label"].to(device)
-    z, _ = model.encode(x)
-    pred = model.latent_logits(z).argmax(1)
-    rows: dict[str, dict[str, float]] = {}
-    for method in CF_METHODS:
-        cols: dict[str, list[Tensor]] = {}
-        per_class, elapsed, count = [], 0.0, 0
-        for k in range(model.num_classes):
-            keep = pred != k
-            if not keep.any():
-                continue
-            xs = x[keep]
-            start = time.perf_counter()
-            out = model.counterfactuals(xs, cf_target=k, probs=(prob, 0.5), method=method)
-            elapsed += time.perf_counter() - start
-            count += int(keep.sum())
-            x_cf, z_cf = out["images"][:, 0], out["latents"][:, 0]
-            target = out["target"]
-            z_re, _ = model.encode(x_cf)
-            valid = CF.validity(model.latent_logits(z_re), target)
-            per_class.append(float(valid.mean()))
-            parts = {
-                "cf_validity": valid,
-                "cf_latent_validity": CF.validity(model.latent_logits(z_cf), target),
-                "cf_proximity_l1": CF.proximity_l1(x_cf, xs),
-                "cf_latent_consistency": CF.latent_consistency(z_re, z_cf),
-                "cf_nn_dist": CF.nearest_neighbour_distance(x_cf, ref_x[ref_y == k]),
-            }
-            if baseline is not None:
-                parts["cf_realism_conf"] = CF.classifier_confidence(baseline.to(device).eval(), x_cf, target)
-            if masks is not None:
-                recon = model.decode(out["latent"])
-                boundary = out["images"][:, 1]
-                m = masks[keep.cpu()].to(device)
-                change = (boundary - recon).abs().sum(1, keepdim=True)
-                parts["cf_mass_in_mask"] = CF.mass_in_mask(change, m)
-                parts["cf_mass_in_mask_input"] = CF.mass_in_mask((boundary - xs).abs().sum(1, keepdim=True), m)
-                parts["cf_mass_in_box"] = CF.mass_in_mask(change, CF.bounding_box_mask(m))
-            for name, v in parts.items():
-                cols.setdefault(name, []).append(v.float().cpu())
-        row = {name: float(torch.nanmean(torch.cat(v))) for name, v in cols.items()}
-        row["cf_validity_worst"] = min(per_class)
-        row["cf_ms"] = 1000 * elapsed / max(count, 1)
-        rows[f"{model.model_name} (counterfactuals)" if method == model.hparams.cf_method
-             else f"{model.model_name}[{method} path] counterfactuals"] = row
-    real = [CF.nearest_neighbour_distance(x[pred == k], ref_x[ref_y == k]) for k in range(model.num_classes)
-            if (pred == k).any()]
-    rows[f"{model.model_name} (counterfactuals)"]["real_nn_dist"] = float(torch.cat(real).mean())
-
-    # The gradient-based search on the same model, same CFs (toward the runner-up), same validity test.
-    xs = x[:gradient_images]
-    closed_start = time.perf_counter()
-    closed = model.counterfactuals(xs, probs=(prob,))
-    closed_s = time.perf_counter() - closed_start
-    source, target = closed["source"], closed["target"]
-    closed_valid = CF.validity(model.latent_logits(model.encode(closed["images"][:, 0])[0]), target)
-    rows[f"{model.model_name} closed-form → runner-up"] = {
-        "cf_validity": float(closed_valid.mean()),
-        "cf_proximity_l1": float(CF.proximity_l1(closed["images"][:, 0], xs).mean()),
-        "cf_ms": 1000 * closed_s / xs.shape[0]}
-    for objective in ("latent", "cycle"):
-        start = time.perf_counter()
-        out = gradient_counterfactuals(model, xs, source, target, prob=prob, objective=objective, steps=gradient_steps)
-        seconds = time.perf_counter() - start
-        valid = CF.validity(model.latent_logits(model.encode(out["images"])[0]), target)
-        rows[f"{model.model_name} gradient search[{objective}] → runner-up"] = {
-            "cf_validity": float(valid.mean()),
-            "cf_proximity_l1": float(CF.proximity_l1(out["images"], xs).mean()),
-            "cf_ms": 1000 * seconds / xs.shape[0], "steps": float(out["steps"].float().mean()),
-            "speedup_closed_form": seconds / closed_s}
-    return rows

@@ -1,4 +1,7 @@
-"""X-Node: a GNN whose nodes explain themselves (paper design, see REFERENCES.md §5).
+"""X-Node: a GNN whose nodes explain themselves (Sengupta & Rekik, "X-Node: Who Should I Explain?"
+— the paper's design; reference code basiralab/X-Node, whose leaks we do not copy: labels of
+training nodes only, symmetric kNN, the official splits, a real reconstruction target, injection
+inside every message-passing layer, offline text).
 
 Graph: one node per image (zoo.data.graphs: kNN over CNN embeddings, leak-free context vectors).
 Per node i with context vector c_i (degree, weighted degree, clustering, PageRank, saliency,
@@ -17,18 +20,18 @@ the "same GNN without X-Node" control.
 Explanation (kind "node-context"): the context vector, the explanation vector, the decoder's
 per-node R², context ablation (change in the explained class's probability when each standardised
 cue is set to its training mean, 0, for every node), the training-labelled neighbours, and offline
-text: template sentences each stating numbers that :func:`check_text` recomputes from the model
-and the graph. ``extras["edge_mask"]`` marks the edges from training neighbours labelled with the
+text (text.py): template sentences each stating numbers that :func:`check_text` recomputes from the
+model and the graph. ``extras["edge_mask"]`` marks the edges from training neighbours labelled with the
 explained class (float32, for torch_geometric.explain metrics).
 
 Inputs: a torch_geometric ``Data`` (x, edge_index, edge_weight, context, optional y_train,
 context_raw, images, class_names, train_mask) or the tensors ``forward(x, edge_index, edge_weight,
-context)`` — the call PyG / Captum tools make. ``forward`` returns plain logits (N,K) for every node.
+context)`` — the call PyG / Captum tools make (:class:`zoo.graph_input.GraphInput` reads both).
+``forward`` returns plain logits (N,K) for every node. The family's table rows: report.py.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import torch
@@ -37,29 +40,14 @@ from torch import Tensor, nn
 
 from zoo.base import SelfExplainingModule
 from zoo.explanation import Explanation
+from zoo.graph_input import CONTEXT_NAMES, GraphInput
+from zoo.metrics.graphs import ablated_probabilities
 from zoo.registry import register_model
 
+from .report import graph_rows
+from .text import describe
+
 BACKBONES = ("gcn", "gat", "gin")
-DEFAULT_CONTEXT = ("degree", "weighted_degree", "clustering", "pagerank", "saliency", "label_agreement")
-
-
-class GraphInput:
-    """The tensors of one graph, from a Data object or from PyG-style positional arguments."""
-
-    def __init__(self, x, edge_index=None, edge_weight=None, context=None, **extra: Any) -> None:
-        if hasattr(x, "edge_index") and not isinstance(x, Tensor):  # a torch_geometric Data
-            data = x
-            x, edge_index = data.x, data.edge_index
-            edge_weight = getattr(data, "edge_weight", None) if edge_weight is None else edge_weight
-            context = getattr(data, "context", None) if context is None else context
-            for key in ("y_train", "context_raw", "images", "class_names", "train_mask", "context_names"):
-                extra.setdefault(key, getattr(data, key, None))
-        self.x, self.edge_index, self.edge_weight, self.context = x, edge_index, edge_weight, context
-        self.extra = extra
-
-    @property
-    def num_nodes(self) -> int:
-        return self.x.shape[0]
 
 
 @register_model("gnn")
@@ -231,7 +219,7 @@ class XNode(GNN):
                  context_names: Sequence[str] | None = None, **base) -> None:
         self._e_dim = explanation_dim  # needed by _injected_dim while the convs are built
         super().__init__(backbone, num_node_features, context_dim, hidden, layers, heads, dropout, **base)
-        names = list(context_names) if context_names is not None else list(DEFAULT_CONTEXT[:context_dim])
+        names = list(context_names) if context_names is not None else list(CONTEXT_NAMES[:context_dim])
         if len(names) != context_dim:
             raise ValueError(f"context_names has {len(names)} names for context_dim={context_dim}")
         self.context_names = names
@@ -270,13 +258,7 @@ class XNode(GNN):
     def context_ablation(self, g: GraphInput, nodes: Tensor, target: Tensor) -> Tensor:
         """(B,C) change of p(target) when cue j is set to its training mean (0) for every node."""
         base = self.encode(g)["logits"].softmax(1)[nodes].gather(1, target[:, None])
-        deltas = []
-        for j in range(self.context_dim):
-            ctx = g.context.clone()
-            ctx[:, j] = 0.0
-            p = self.encode(g, ctx)["logits"].softmax(1)[nodes].gather(1, target[:, None])
-            deltas.append(p - base)
-        return torch.cat(deltas, dim=1)
+        return torch.cat([p[nodes].gather(1, target[:, None]) - base for p in ablated_probabilities(self, g)], dim=1)
 
     @torch.no_grad()
     def node_r2(self, g: GraphInput, nodes: Tensor, out: dict[str, Tensor] | None = None) -> Tensor:
@@ -315,7 +297,7 @@ class XNode(GNN):
         for e, t in zip(in_edges, target.tolist()):
             edge_mask[e] = (y_train[src[e]] == t).float()
         raw = g.extra.get("context_raw")
-        texts = [_describe(self, neighbours[b], int(t), probs[b], ablation[b], float(r2[b]), names, y_train,
+        texts = [describe(self, neighbours[b], int(t), probs[b], ablation[b], float(r2[b]), names, y_train,
                            None if raw is None else raw[int(i)], g.num_nodes)
                  for b, (i, t) in enumerate(zip(nodes.tolist(), target.tolist()))]
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
@@ -332,158 +314,6 @@ class XNode(GNN):
         return Explanation(logits=logits, target=target, kind="node-context", node_context=g.context[nodes],
                            node_text=texts, uncertainty={"entropy": entropy}, extras=extras)
 
-
-    def report_rows(self, datamodule, max_nodes: int = 256) -> dict[str, dict[str, float]]:
-        """Test-split rows for train()'s table: decoder R² vs a shuffled-context control decoder,
-        PyG fidelity of the own explanation, context-ablation fidelity per cue."""
-        from zoo.metrics import graphs as GM
-
-        datamodule.setup("test")
-        data = datamodule.graph.to(self.device)
-        train, test = data.train_mask, data.test_mask
-        control = GM.control_decoder_r2(self, data, train, test)
-        row = {"decoder_r2": GM.decoder_r2(self, data, test), "control_r2_shuffled": control["shuffled"],
-               "probe_r2_real": control["real"]}
-        row.update(GM.pyg_fidelity(self, data, test.nonzero().squeeze(1)[:max_nodes]))
-        for cue, values in GM.context_ablation_fidelity(self, data, test).items():
-            row[f"ablate_{cue}_dp"] = values["mean_abs_dp"]
-        return {f"{self.model_name} ({self.explanation_kind})": row}
-
-
-# ---------------------------------------------------------------------- offline text and its checker
-# Each template states numbers; CHECKS below recompute every one of them from the model and graph.
-T_PROB = "The model gives {cls} probability {p:.2f}; its prediction is {pred}."
-T_NEIGH = "{a} of its {m} training-labelled neighbours are labelled {cls} (it has {d} neighbours)."
-T_NONE = "None of its {d} neighbours has a training label."
-T_CUE = "Its prediction rests mostly on {cue}: removing that cue changes the probability of {cls} by {delta:+.2f}."
-T_CUE_SMALL = "No single context cue decides it: removing any one changes the probability of {cls} by at most {delta:.3f}."
-T_GRAPH = ("Graph position: degree {d}, weighted degree {wd:.2f}, clustering coefficient {cc:.2f}, "
-           "PageRank {pr:.2f} times the average node.")
-T_SAL = "The saliency of its own embedding is {s:.2f}."
-T_R2 = "The decoder rebuilds its latent embedding from the explanation vector with R² {r2:.2f}."
-
-
-def _describe(model: XNode, nb: Tensor, t: int, probs: Tensor, ablation: Tensor, r2: float,
-              names: list[str], y_train: Tensor, raw: Tensor | None, num_nodes: int) -> str:
-    """The text of one node explaining class `t`; `nb` its neighbours, `raw` its raw context."""
-    labels = y_train[nb]
-    m, a = int((labels >= 0).sum()), int((labels == t).sum())
-    j = int(ablation.abs().argmax())
-    parts = [T_PROB.format(cls=names[t], p=float(probs[t]), pred=names[int(probs.argmax())]),
-             T_NEIGH.format(a=a, m=m, cls=names[t], d=len(nb)) if m else T_NONE.format(d=len(nb)),
-             T_CUE.format(cue=model.context_names[j], cls=names[t], delta=float(ablation[j]))
-             if abs(float(ablation[j])) >= 0.005 else T_CUE_SMALL.format(cls=names[t], delta=abs(float(ablation[j])))]
-    if raw is not None and set(DEFAULT_CONTEXT) <= set(model.context_names):
-        col = {n: float(raw[model.context_names.index(n)]) for n in DEFAULT_CONTEXT}
-        parts.append(T_GRAPH.format(d=int(round(col["degree"])), wd=col["weighted_degree"], cc=col["clustering"],
-                                    pr=col["pagerank"] * num_nodes))
-        parts.append(T_SAL.format(s=col["saliency"]))
-    parts.append(T_R2.format(r2=r2))
-    return " ".join(parts)
-
-
-def _pattern(template: str) -> re.Pattern:
-    """A regex with one named group per {field} of `template` (numbers and names)."""
-    out, pos = "", 0
-    for m in re.finditer(r"\{(\w+)(:[^}]*)?\}", template):
-        out += re.escape(template[pos:m.start()])
-        out += f"(?P<{m.group(1)}>[-+]?[0-9.eE]+|.+?)"
-        pos = m.end()
-    return re.compile(out + re.escape(template[pos:]))
-
-
-def _close(stated: str, value: float) -> bool:
-    decimals = len(stated.split(".")[1]) if "." in stated else 0
-    return abs(float(stated) - value) <= 0.5 * 10 ** -decimals + 1e-6
-
-
-def check_text(model: XNode, data, node: int, text: str, target: int | None = None) -> list[tuple[str, bool, str]]:
-    """Recompute every number stated in `text` (the explanation of `node`) from the model and graph.
-
-    Returns one (sentence, ok, detail) per sentence; a sentence matching no template fails
-    ("unverifiable"). Counts, degree, weighted degree and clustering are recomputed from the edge
-    list with plain Python sets (independently of the graph builder); probabilities, ablations and R²
-    by running the model again; PageRank and saliency against the context the model consumed.
-    """
-    model.eval()
-    g = GraphInput(data)
-    names = g.extra.get("class_names") or [f"class {k}" for k in range(model.num_classes)]
-    with torch.no_grad():
-        out = model.encode(g)
-    probs = out["logits"].softmax(1)[node]
-    src, dst = g.edge_index.tolist()
-    adj: dict[int, set[int]] = {}
-    weight_in = 0.0
-    ew = g.edge_weight.tolist() if g.edge_weight is not None else [1.0] * len(src)
-    for s, d, w in zip(src, dst, ew):
-        adj.setdefault(d, set()).add(s)
-        if d == node:
-            weight_in += w
-    nb = sorted(adj.get(node, set()))
-    y_train = g.extra.get("y_train")
-    y_train = y_train.tolist() if y_train is not None else [-1] * g.num_nodes
-    raw = g.extra.get("context_raw")
-    results = []
-    sentences = _split_sentences(text)
-
-    def cls_index(name: str) -> int:
-        if name not in names:
-            raise KeyError(name)
-        return names.index(name)
-
-    for sentence in sentences:
-        ok, detail = False, "unverifiable: matches no template"
-        try:
-            if (m := _pattern(T_PROB).fullmatch(sentence)):
-                k, pred = cls_index(m["cls"]), cls_index(m["pred"])
-                ok = _close(m["p"], float(probs[k])) and pred == int(probs.argmax())
-                detail = f"p={float(probs[k]):.4f}, argmax={names[int(probs.argmax())]}"
-            elif (m := _pattern(T_NEIGH).fullmatch(sentence)):
-                k = cls_index(m["cls"])
-                labelled = [y_train[j] for j in nb if y_train[j] >= 0]
-                truth = (sum(1 for y in labelled if y == k), len(labelled), len(nb))
-                ok = (int(m["a"]), int(m["m"]), int(m["d"])) == truth
-                detail = f"agree={truth[0]}, labelled={truth[1]}, neighbours={truth[2]}"
-            elif (m := _pattern(T_NONE).fullmatch(sentence)):
-                labelled = [j for j in nb if y_train[j] >= 0]
-                ok = not labelled and int(m["d"]) == len(nb)
-                detail = f"labelled={len(labelled)}, neighbours={len(nb)}"
-            elif (m := (_pattern(T_CUE).fullmatch(sentence) or _pattern(T_CUE_SMALL).fullmatch(sentence))):
-                k = cls_index(m["cls"])
-                deltas = []
-                for j in range(model.context_dim):
-                    ctx = g.context.clone()
-                    ctx[:, j] = 0.0
-                    with torch.no_grad():
-                        p = model.encode(g, ctx)["logits"].softmax(1)[node, k]
-                    deltas.append(float(p - probs[k]))
-                top = max(range(len(deltas)), key=lambda j: abs(deltas[j]))
-                if "cue" in m.groupdict():
-                    ok = m["cue"] == model.context_names[top] and _close(m["delta"], deltas[top])
-                else:
-                    ok = _close(m["delta"], abs(deltas[top])) and abs(deltas[top]) < 0.005
-                detail = f"largest change: {model.context_names[top]} {deltas[top]:+.4f}"
-            elif (m := _pattern(T_GRAPH).fullmatch(sentence)):
-                pairs = sum(1 for a in nb for b in nb if a < b and b in adj.get(a, set()))
-                deg = len(nb)
-                cc = pairs / (deg * (deg - 1) / 2) if deg > 1 else 0.0
-                pr = float(raw[node, model.context_names.index("pagerank")]) * g.num_nodes
-                ok = (int(m["d"]) == deg and _close(m["wd"], weight_in) and _close(m["cc"], cc)
-                      and _close(m["pr"], pr))
-                detail = f"degree={deg}, weighted={weight_in:.4f}, clustering={cc:.4f}, pagerank×N={pr:.4f}"
-            elif (m := _pattern(T_SAL).fullmatch(sentence)):
-                s = float(raw[node, model.context_names.index("saliency")])
-                ok, detail = _close(m["s"], s), f"saliency={s:.4f}"
-            elif (m := _pattern(T_R2).fullmatch(sentence)):
-                r2 = float(model.node_r2(g, torch.tensor([node], device=g.x.device), out)[0])
-                ok, detail = _close(m["r2"], r2), f"R²={r2:.4f}"
-        except (KeyError, ValueError) as err:
-            ok, detail = False, f"unverifiable: {err}"
-        results.append((sentence, bool(ok), detail))
-    return results
-
-
-def _split_sentences(text: str) -> list[str]:
-    """Sentences end with '.' or ';'-free full stops followed by a space and a capital letter / end."""
-    parts = re.split(r"(?<=\.)\s+(?=[A-Z0-9])", text.strip())
-    return [p for p in parts if p]
+    def report_rows(self, datamodule) -> dict[str, dict[str, float]]:
+        """Test-split rows for train()'s table (report.py)."""
+        return graph_rows(self, datamodule)
