@@ -28,10 +28,12 @@ def take_images(datamodule, split: str = "test", n: int = 256, balanced: bool = 
     class counts equal that share is 1/K for every model, whichever class it calls grey (with the
     first 256 synthetic test images, 72 of class 0 and 57 of class 1, the tail alone moved two
     models' deletion AUCs 0.06 apart)."""
-    if split not in ("train", "val", "test"):
+    loaders = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader,
+               "test": datamodule.test_dataloader}
+    if split not in loaders:
         raise ValueError(f"split must be train, val or test, got {split!r}")
     datamodule.setup("test" if split == "test" else "fit")
-    loader = getattr(datamodule, f"{split}_dataloader")()
+    loader = loaders[split]()
     parts: dict[str, list[Tensor]] = {}
     count, wanted = 0, n * (20 if balanced else 1)  # balanced: read ahead for the rarer classes
     for batch in loader:
@@ -189,9 +191,9 @@ def evaluate(cfg) -> dict[str, dict[str, float]]:
         rows[f"{baseline.model_name} (baseline)"] = classification_metrics(baseline, datamodule)
     if model.task == "multiclass" and cfg.get("explanations", True):
         rows.update(explanation_report(model, datamodule, cfg.n_images, cfg.steps, baseline=baseline))
-    table = format_table(f"{cfg.model_path} on {getattr(datamodule, 'name', 'data')} (test split)", rows)
+    table = format_table(f"{cfg.model_path} on {datamodule.name} (test split)", rows)
     written = write_results(rows, Path(cfg.paths.output_dir), source=str(cfg.model_path),
-                            data=getattr(datamodule, "name", None))
+                            data=datamodule.name)
     report(f"{table}\nresults written to {written[0]} and {written[1].name}"
            + ("" if not cfg.get("explanations", True) else " (explanations=false: accuracy/AUROC only, fast)"))
     return rows
