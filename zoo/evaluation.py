@@ -28,8 +28,8 @@ def take_images(datamodule, split: str = "test", n: int = 256, balanced: bool = 
     class counts equal that share is 1/K for every model, whichever class it calls grey (with the
     first 256 synthetic test images, 72 of class 0 and 57 of class 1, the tail alone moved two
     models' deletion AUCs 0.06 apart)."""
-    loaders = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader,
-               "test": datamodule.test_dataloader}
+    loaders = {"train": lambda: datamodule.train_dataloader(), "val": lambda: datamodule.val_dataloader(),
+               "test": lambda: datamodule.test_dataloader()}
     if split not in loaders:
         raise ValueError(f"split must be train, val or test, got {split!r}")
     datamodule.setup("test" if split == "test" else "fit")
