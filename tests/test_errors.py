@@ -137,3 +137,38 @@ def test_inputs_outside_the_normalised_range_are_refused():
     x = torch.rand(2, 1, 32, 32) * 255
     with pytest.raises(ValueError, match=r"expected images normalised to \[-1, 1\].*got values in \[0\.\d+, 25\d"):
         model(x)
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_carries_the_shipped_checkpoints(tmp_path):
+    """`pip install .` copies checkpoints/ in as package data: the installed zoo lists and loads them."""
+    wheel_dir, target, source = tmp_path / "wheel", tmp_path / "site", tmp_path / "source"
+    # a copy: building writes build/ into the source folder
+    shutil.copytree(REPO, source, symlinks=True,
+                    ignore=shutil.ignore_patterns(".venv", ".git", "logs", "build", "*.egg-info", "__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(wheel_dir), str(source)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(wheel_dir.glob("zoo-*.whl"))
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    code = ("import zoo, torch; from pathlib import Path; "
+            f"assert Path(zoo.__file__).is_relative_to({str(target)!r}), zoo.__file__; "
+            "names = zoo.list_pretrained(); assert 'protopnet-synthetic' in names and len(names) >= 10, names; "
+            "m = zoo.load('protopnet-synthetic'); print(len(names), m(torch.zeros(1, 1, 32, 32)).shape)")
+    env = {k: v for k, v in os.environ.items() if k != "ZOO_CHECKPOINTS"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**env, "PYTHONPATH": str(target)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "torch.Size([1, 4])" in run.stdout
+
+
+def test_an_empty_checkpoint_folder_is_not_silent(tmp_path, monkeypatch):
+    import zoo
+
+    monkeypatch.setenv("ZOO_CHECKPOINTS", str(tmp_path))
+    with pytest.warns(UserWarning, match=f"no pretrained models under {tmp_path} .set ZOO_CHECKPOINTS"):
+        assert zoo.list_pretrained() == []
+    with pytest.raises(FileNotFoundError, match="pretrained: none; ZOO_CHECKPOINTS sets that folder"):
+        zoo.load("protopnet-synthetic")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,19 @@ WEIGHTS, CONFIG, CARD = "model.safetensors", "config.yaml", "card.md"
 
 
 def pretrained_root() -> Path:
-    return Path(os.environ.get("ZOO_CHECKPOINTS", Path(__file__).resolve().parents[1] / "checkpoints"))
+    """``$ZOO_CHECKPOINTS`` if set, else the checkpoints shipped with the package (``zoo/checkpoints``: a
+    link to the repository's ``checkpoints/`` in a checkout, package data in an installed wheel)."""
+    return Path(os.environ.get("ZOO_CHECKPOINTS", Path(__file__).resolve().parent / "checkpoints"))
 
 
 def list_pretrained() -> list[str]:
+    """Names of the saved models under :func:`pretrained_root`; warns (never silently) when there are none."""
     root = pretrained_root()
-    return sorted(p.name for p in root.iterdir() if (p / CONFIG).is_file()) if root.is_dir() else []
+    names = sorted(p.name for p in root.iterdir() if (p / CONFIG).is_file()) if root.is_dir() else []
+    if not names:
+        warnings.warn(f"no pretrained models under {root} (set ZOO_CHECKPOINTS to a folder of saved zoo "
+                      "models, e.g. a checkout's checkpoints/)", stacklevel=2)
+    return names
 
 
 def plain(value: Any) -> Any:
@@ -98,9 +106,11 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     candidate = pretrained_root() / str(name_or_path)
     if candidate.is_dir():
         return candidate
-    available = ", ".join(list_pretrained()) or "none"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the error below says it
+        available = ", ".join(list_pretrained()) or "none"
     raise FileNotFoundError(f"no saved model at {str(name_or_path)!r} and no pretrained model of that name "
-                            f"under {pretrained_root()} (pretrained: {available})")
+                            f"under {pretrained_root()} (pretrained: {available}; ZOO_CHECKPOINTS sets that folder)")
 
 
 def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu"):
