@@ -327,3 +327,41 @@ def test_format_table_column_order_is_fixed():
     assert lines[1].split() == ["acc", "auroc", "zeta", "alpha"]
     assert lines[2].split() == ["model", "0.5000", "-", "1.0000", "-"]
     assert lines[3].split() == ["baseline", "-", "0.2500", "3.0000", "2.0000"]
+
+
+def test_posthoc_best_layer_is_chosen_on_val_and_never_reads_test_images(monkeypatch):
+    """posthoc_rows screens the Grad-CAM layers on `select` (val) only: on the test batch it computes
+    the last layer's and the chosen layer's maps, nothing else — and the choice follows val."""
+    import zoo
+    import zoo.evaluation as E
+    from zoo.nets.backbones import conv_layer_names
+
+    torch.manual_seed(0)
+    model = zoo.create_model("cnn", num_classes=2, in_channels=1, image_size=16, widths=[4, 8, 8]).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        mask = torch.zeros(n, 16, 16)
+        mask[:, 4:8, 4:8] = 1
+        return {"image": torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, "label": torch.arange(n) % 2, "mask": mask}
+
+    test, val = batch(8), batch(8)
+    layers = conv_layer_names(model)
+    seen: list[tuple[str, bool]] = []
+    real = E.gradcam
+
+    def spy(m, x, t, layer):
+        seen.append((layer, bool(any(torch.equal(x[i], test["image"][j]) for i in range(len(x)) for j in range(8)))))
+        return real(m, x, t, layer)
+
+    monkeypatch.setattr(E, "gradcam", spy)
+    # the val "masks" favour one inner layer: make it the best on val by construction
+    favourite = layers[0]
+    monkeypatch.setattr(E.M, "hit_rate", lambda maps, masks: 1.0 if seen[-1][0] == favourite and masks is val["mask"]
+                        else 0.0)
+    rows = E.posthoc_rows(model, test, steps=2, integrated=False, select=val)
+    assert f"grad-cam best[{favourite}]" in rows
+    on_test = {layer for layer, is_test in seen if is_test}
+    assert on_test <= {layers[-1], favourite}  # no other layer ever saw a test image
+    assert {layer for layer, is_test in seen if not is_test} >= set(layers)  # every layer screened on val
+    assert "grad-cam best" not in " ".join(E.posthoc_rows(model, test, steps=2, integrated=False))  # no val, no pick

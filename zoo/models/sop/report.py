@@ -24,7 +24,8 @@ def group_rows(model, datamodule, n_images: int = 256) -> dict[str, dict[str, fl
     own = f"{model.model_name} backbone"
     rows = {f"{own} (plain classifier)": evaluation.classification_metrics(wrapper, datamodule)}
     batch = evaluation.take_images(datamodule, "test", n_images)
-    for name, row in evaluation.posthoc_rows(wrapper, batch, steps=24, integrated=False).items():
+    select = evaluation.take_images(datamodule, "val", n_images)  # its best layer is chosen on val
+    for name, row in evaluation.posthoc_rows(wrapper, batch, steps=24, integrated=False, select=select).items():
         rows[f"{own} {name}"] = row
     if "mask" in batch and batch["label"].ndim == 1:
         expls = [model.explain(batch["image"][i:i + 64].to(model.device), batch["label"][i:i + 64].to(model.device))
