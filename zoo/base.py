@@ -67,7 +67,8 @@ class SelfExplainingModule(L.LightningModule):
         self.save_hyperparameters()
         self.num_classes, self.in_channels, self.image_size, self.task = num_classes, in_channels, image_size, task
         self.metrics = torch.nn.ModuleDict({split: self._make_metrics() for split in ("train_", "val_", "test_")})
-        self.training_schedule  # noqa: B018 — validates the schedule now, not at the first epoch
+        # Built (and validated) once: the hyperparameter does not change, and GdVAE asks every step.
+        self._schedule = Schedule(schedule, self.phases, self.actions)
         self._resumed_rng: dict[str, Any] | None = None
 
     @classmethod
@@ -234,7 +235,7 @@ class SelfExplainingModule(L.LightningModule):
     def training_schedule(self) -> Schedule:
         """The ``schedule`` hyperparameter as a :class:`~zoo.schedule.Schedule` over this family's
         ``phases`` and ``actions`` (validated at construction)."""
-        return Schedule(self.hparams.get("schedule"), self.phases, self.actions)
+        return self._schedule
 
     def apply_phase(self, phase: Phase | None) -> None:
         """Hook: make ``phase`` the one in force — which parts train, its loss overrides. Called at every

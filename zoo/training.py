@@ -133,8 +133,6 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def _continue_logs(trainer: L.Trainer, ckpt_path: str) -> None:
     """A resumed run continues the CSV history: keep the rows of the epochs the checkpoint holds."""
-    import torch
-
     epoch = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"])
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):

@@ -99,8 +99,9 @@ class EpochShuffleSampler(Sampler[int]):
     gives in its e-th epoch under Lightning — that loader's generator, replayed: per epoch one int64
     draw (the workers' base seed), the permutation, and RandomSampler's trailing empty permutation when
     the last batch is a partial one (Lightning stops after ``len(loader)`` batches: with ``n`` a multiple
-    of ``batch_size`` the sampler is never run to its end) — so earlier runs keep their data order. Like that generator, a pass
-    without ``set_epoch`` before it (e.g. GdVAE's BatchNorm recalibration after fit) gets the next order."""
+    of ``batch_size`` the sampler is never run to its end) — so earlier runs keep their data order.
+    Like that generator, a pass without ``set_epoch`` before it (e.g. GdVAE's BatchNorm recalibration
+    after fit) gets the next order."""
 
     def __init__(self, n: int, seed: int = 0, batch_size: int = 1) -> None:
         self.n, self.seed, self.epoch = int(n), int(seed), 0

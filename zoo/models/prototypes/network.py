@@ -306,10 +306,8 @@ class PrototypeNetwork(SelfExplainingModule):
         return self._loss_overrides.get(name, self.hparams[name])
 
     def on_fit_start(self) -> None:
-        entries = self.hparams.get("schedule") or []
         total = self.training_schedule.total_epochs
-        if entries and self.trainer is not None and self.trainer.max_epochs is not None \
-                and total > self.trainer.max_epochs:
+        if self.trainer.max_epochs is not None and total > self.trainer.max_epochs:
             log.warning("%s: schedule has %d epochs but trainer.max_epochs=%d; later phases will not run",
                         self.model_name, total, self.trainer.max_epochs)
 
