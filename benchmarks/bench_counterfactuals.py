@@ -40,7 +40,7 @@ def main() -> None:
     else:
         import os
 
-        dm = zoo.data.MedMNISTDataModule(flag=args.data, size=model.image_size, root=os.environ.get("ZOO_DATA_DIR"),
+        dm = zoo.data.MedMNISTDataModule(flag=args.data, image_size=model.image_size, root=os.environ.get("ZOO_DATA_DIR"),
                                          as_rgb=model.in_channels == 3)
     from zoo.evaluation import take_images
 

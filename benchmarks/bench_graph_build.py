@@ -67,9 +67,9 @@ def main(n: int = 5000, k: int = 8) -> None:
     encoder = fit_image_encoder(images[split == 0], labels[split == 0], num_classes, epochs=1)
     print(f"encoder training (separate, 1 epoch on {int((split == 0).sum())} train images): "
           f"{time.perf_counter() - start:6.2f} s")
-    build_graph(images[:256], labels[:256], split[:256], encoder=encoder, k=k)  # warm-up
+    build_graph(images[:256], labels[:256], split[:256], [encoder], k=k)  # warm-up
     start = time.perf_counter()
-    built = build_graph(images, labels, split, encoder=encoder, k=k)
+    built = build_graph(images, labels, split, [encoder], k=k)
     total = time.perf_counter() - start
     for step, seconds in built["timings"].items():
         print(f"  {step:10s} {seconds:6.2f} s")

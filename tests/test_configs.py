@@ -41,6 +41,14 @@ def fake_medmnist(root: Path, flag: str) -> None:
 @pytest.mark.parametrize("name", options("data"))
 def test_data_config_instantiates(name, tmp_path):
     cfg = compose([f"data={name}"], tmp_path)
+    if OmegaConf.is_missing(cfg.data, "root"):  # users' own data (folder / csv / npz): a tiny written one
+        from test_user_data import write_csv, write_folder, write_npz
+
+        write = {"folder": lambda: write_folder(tmp_path / "images"), "csv": lambda: write_csv(tmp_path / "csv"),
+                 "npz": lambda: write_npz(tmp_path / "data.npz")}[name]
+        cfg.data.root = str(write())
+        if name == "csv":
+            cfg.data.label_columns = ["a", "b", "c"]  # write_csv's multi-label columns
     if OmegaConf.is_missing(cfg.data, "flag"):  # a base config (medmnist, graph) takes any flag
         cfg.data.flag = "breastmnist"
     if cfg.data.get("flag"):  # MedMNIST: shared files when present, else a fake file in the same format
@@ -75,7 +83,7 @@ def test_model_config_is_create_model_defaults(name, tmp_path):
     assert set(cfg.model) - {"_target_", "name"} == set(model_class(cfg.model.name).default_hparams())
     dm = build_datamodule(cfg)  # graph models: the (unbuilt) kNN graph over the default data gives their sizes
     geometry = dict(num_classes=dm.num_classes, in_channels=dm.in_channels, image_size=dm.image_size,
-                    task=dm.task, **getattr(dm, "model_kwargs", {}))
+                    task=dm.task, class_names=list(dm.class_names), **getattr(dm, "model_kwargs", {}))
     from_code = create_model(cfg.model.name, **geometry, **{k: cfg.model[k] for k in changed})
     # plain(): as config.yaml stores them (a signature's tuple default and YAML's list are one value)
     assert plain(dict(build_model(cfg, dm).hparams)) == plain(dict(from_code.hparams))

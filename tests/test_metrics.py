@@ -15,7 +15,9 @@ from zoo.metrics import (
     evalprotopnet_noise,
     explanation_metrics,
     explanation_stability,
+    faithfulness,
     hit_rate,
+    make_substrate,
     mask_iou,
     pointing_game,
     top_fraction_mask,
@@ -212,6 +214,111 @@ def test_deletion_chunking_shapes_and_determinism():
     assert torch.allclose(a["deletion"], c["deletion"])
 
 
+class LinearModel(torch.nn.Module):
+    """logit 0 = sum_p w_p x_p with weights that grow in raster order, logit 1 = 0: the order inside a
+    plateau changes the curve, and the model is linear, so the expected image's logit is the expected
+    logit (plateau ties = random-order mean, exactly in expectation)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.w = torch.arange(1.0, n + 1.0)
+
+    def forward(self, x):
+        z = (x.flatten(1) * self.w).sum(1)
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+def test_ties_plateau_switches_equal_scores_together_constructed():
+    """4x4 map with two plateaus (8 pixels at 1, 8 at 0), 4 steps: at k=4 half of the top plateau has
+    gone, so every one of its pixels is half-way to grey; at k=12 the bottom plateau is half-way."""
+    model = LinearModel(16)
+    images = torch.full((1, 1, 4, 4), 0.5)
+    attr = torch.zeros(1, 4, 4)
+    attr.view(-1)[torch.tensor([1, 3, 4, 6, 9, 11, 12, 14])] = 1.0  # a checkerboard: not a raster block
+    top = attr.view(-1) == 1
+    w = model.w
+    res = faithfulness(model, images, attr, target=0, steps=4, deletion=["grey"], insertion=[],
+                       ties="plateau", activation=None)
+    expected = torch.tensor([
+        0.5 * w.sum(), 0.5 * w.sum() - 0.25 * w[top].sum(), 0.5 * w[~top].sum(), 0.25 * w[~top].sum(), 0.0])
+    assert torch.allclose(res["deletion_curve[grey]"][0], expected)
+    raster = faithfulness(model, images, attr, target=0, steps=4, deletion=["grey"], insertion=[],
+                          ties="raster", activation=None)
+    assert not torch.allclose(raster["deletion_curve[grey]"], res["deletion_curve[grey]"])  # order mattered
+    rand = faithfulness(model, images, attr, target=0, steps=4, deletion=["grey"], insertion=[], ties="random",
+                        tie_draws=400, activation=None, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(rand["deletion_curve[grey]"], res["deletion_curve[grey]"], rtol=0.05)  # its mean
+    again = faithfulness(model, images, attr, target=0, steps=4, deletion=["grey"], insertion=[], ties="random",
+                         tie_draws=400, activation=None, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rand["deletion_curve[grey]"], again["deletion_curve[grey]"])  # seeded
+    # without ties the three agree (RISE exactly)
+    distinct = torch.randperm(16, generator=torch.Generator().manual_seed(1)).float().view(1, 4, 4)
+    curves = [faithfulness(model, images, distinct, 0, 4, ["grey"], [], ties=t, activation=None)[
+        "deletion_curve[grey]"] for t in ("plateau", "raster", "random")]
+    assert torch.allclose(curves[0], curves[1]) and torch.allclose(curves[0], curves[2])
+
+
+def test_ties_all_equal_map_is_the_linear_fade():
+    """A constant map (one plateau): step t moves every pixel t/S of the way — not the raster sweep."""
+    model = RegionModel().eval()
+    images = _region_images(2)
+    res = faithfulness(model, images, torch.zeros(2, H, W), target=0, steps=4, deletion=["grey"], insertion=[],
+                       activation=None)
+    fade = torch.stack([model(images * (1 - t / 4))[:, 0] for t in range(5)], dim=1)
+    assert torch.allclose(res["deletion_curve[grey]"], fade, atol=1e-6)
+
+
+def test_substrates_each_measured_and_the_worst_is_the_headline():
+    """grey / blur / noise are all evaluated in one pass; a model that calls grey "no evidence" (what a
+    blank-patch penalty trains) scores a low grey deletion AUC but the headline takes the worst substrate."""
+    model = RegionModel().eval()
+    images = _region_images(3)
+    attr = REGION.float().expand(3, H, W)
+    res = faithfulness(model, images, attr, target=0, steps=8)
+    for m in ("deletion", "insertion"):
+        for s in ("grey", "blur", "noise"):
+            assert res[f"{m}[{s}]"].shape == (3,) and res[f"{m}_curve[{s}]"].shape == (3, 9)
+    # the single-substrate entry point is the same numbers
+    one = deletion_insertion(model, images, attr, target=0, steps=8, substrate_deletion="blur",
+                             substrate_insertion="noise")
+    assert torch.allclose(one["deletion"], res["deletion[blur]"]) and torch.allclose(one["insertion"],
+                                                                                   res["insertion[noise]"])
+    assert torch.equal(deletion_insertion(model, images, attr, 0, 8, substrate_deletion="constant")["deletion"],
+                       res["deletion[grey]"])  # "constant" is the old name of grey
+    out = explanation_metrics(model, lambda x, t: attr, images, target=0, steps=8, stability=False)
+    dels = {s: out[f"deletion_auc[{s}]"] for s in ("grey", "blur", "noise")}
+    assert out["deletion_auc"] == max(dels.values()) and len(set(dels.values())) == 3
+    with pytest.raises(ValueError, match="substrate must be"):
+        faithfulness(model, images, attr, 0, 8, deletion=["black"])
+    with pytest.raises(ValueError, match="ties must be"):
+        faithfulness(model, images, attr, 0, 8, ties="first")
+
+
+def test_noise_substrate_seeded_in_range_with_image_statistics():
+    g = torch.Generator().manual_seed(7)
+    images = torch.rand(2, 3, 32, 32, generator=g) * 0.6 - 0.8  # values in [-0.8, -0.2]
+    a, b = make_substrate(images, "noise"), make_substrate(images, "noise")
+    assert torch.equal(a, b) and not torch.equal(a, make_substrate(images, "noise", noise_seed=1))
+    assert a.min() >= images.min() and a.max() <= images.max()  # stays in the image's range
+    assert torch.allclose(a.mean(dim=(2, 3)), images.mean(dim=(2, 3)), atol=0.03)
+    assert (a.flatten(1) != images.flatten(1)).any(1).all()  # no structure of the image left
+
+
+def test_gradcam_layers_equals_captum_gradcam_at_every_layer():
+    import zoo
+    from zoo.nets.backbones import conv_layer_names
+    from zoo.nets.posthoc import gradcam, gradcam_layers
+
+    torch.manual_seed(0)
+    model = zoo.create_model("cnn", num_classes=3, in_channels=1, image_size=16, widths=[4, 8, 8]).eval()
+    x = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    t = torch.tensor([0, 1, 2, 1, 0])
+    layers = conv_layer_names(model)
+    maps = gradcam_layers(model, x, t, layers)
+    for layer in layers:
+        assert torch.allclose(maps[layer], gradcam(model, x, t, layer), rtol=1e-5, atol=1e-9)
+
+
 # --------------------------------------------------------------------------- stability
 
 
@@ -275,13 +382,17 @@ def test_explanation_metrics_end_to_end():
 
     out = explanation_metrics(model, explain, images, masks=masks, steps=8,
                               generator=torch.Generator().manual_seed(0))
+    per_substrate = {f"{m}_auc[{s}]" for m in ("deletion", "insertion") for s in ("grey", "blur", "noise")}
     assert set(out) == {"hit_rate", "energy_in_mask", "deletion_auc", "insertion_auc",
-                        "stability", "map_iou", "argmax_shift"}
+                        "stability", "map_iou", "argmax_shift"} | per_substrate
     assert all(isinstance(v, float) for v in out.values())
     assert out["hit_rate"] == 1.0 and out["energy_in_mask"] == pytest.approx(1.0)
     assert 0.0 <= out["deletion_auc"] < out["insertion_auc"] <= 1.0
     out2 = explanation_metrics(model, explain, images, target=0, steps=8, stability=False)
-    assert set(out2) == {"deletion_auc", "insertion_auc"}
+    assert set(out2) == {"deletion_auc", "insertion_auc"} | per_substrate
+    # the headline is the worst substrate: the highest deletion, the lowest insertion AUC
+    assert out2["deletion_auc"] == max(out2[f"deletion_auc[{s}]"] for s in ("grey", "blur", "noise"))
+    assert out2["insertion_auc"] == min(out2[f"insertion_auc[{s}]"] for s in ("grey", "blur", "noise"))
 
 
 class _ListDataModule:
@@ -347,21 +458,39 @@ def test_posthoc_best_layer_is_chosen_on_val_and_never_reads_test_images(monkeyp
 
     test, val = batch(8), batch(8)
     layers = conv_layer_names(model)
-    seen: list[tuple[str, bool]] = []
-    real = E.gradcam
+    seen: list[tuple[str, bool]] = []  # (layer, whether the call saw a test image)
+    real, real_all = E.gradcam, E.gradcam_layers
+
+    def reads_test(x):
+        return bool(any(torch.equal(x[i], test["image"][j]) for i in range(len(x)) for j in range(8)))
 
     def spy(m, x, t, layer):
-        seen.append((layer, bool(any(torch.equal(x[i], test["image"][j]) for i in range(len(x)) for j in range(8)))))
+        seen.append((layer, reads_test(x)))
         return real(m, x, t, layer)
 
+    def spy_all(m, x, t, names):
+        seen.extend((layer, reads_test(x)) for layer in names)
+        return real_all(m, x, t, names)
+
     monkeypatch.setattr(E, "gradcam", spy)
-    # the val "masks" favour one inner layer: make it the best on val by construction
+    monkeypatch.setattr(E, "gradcam_layers", spy_all)
+    # the val "masks" favour one inner layer: make it the best on val by construction (the maps passed
+    # to hit_rate are recognised by identity with that layer's Grad-CAM on val)
     favourite = layers[0]
-    monkeypatch.setattr(E.M, "hit_rate", lambda maps, masks: 1.0 if seen[-1][0] == favourite and masks is val["mask"]
-                        else 0.0)
+    want = real(model, val["image"], val["label"], favourite)
+    monkeypatch.setattr(E.M, "hit_rate", lambda maps, masks: 1.0 if masks is val["mask"]
+                        and torch.allclose(maps, want, atol=1e-9) else 0.0)
     rows = E.posthoc_rows(model, test, steps=2, integrated=False, select=val)
     assert f"grad-cam best[{favourite}]" in rows
     on_test = {layer for layer, is_test in seen if is_test}
     assert on_test <= {layers[-1], favourite}  # no other layer ever saw a test image
     assert {layer for layer, is_test in seen if not is_test} >= set(layers)  # every layer screened on val
+    # poisoned test images (NaN): the screening pass (every layer at once) never receives one
+    screened: list[bool] = []
+    monkeypatch.setattr(E, "gradcam_layers", lambda m, x, t, names: screened.append(bool(x.isnan().any()))
+                        or real_all(m, x, t, names))
+    monkeypatch.setattr(E, "attribution_metrics", lambda *a, **k: {})  # the measuring, not under test here
+    poisoned = {**test, "image": torch.full_like(test["image"], float("nan"))}
+    assert f"grad-cam best[{favourite}]" in E.posthoc_rows(model, poisoned, steps=2, integrated=False, select=val)
+    assert screened and not any(screened)
     assert "grad-cam best" not in " ".join(E.posthoc_rows(model, test, steps=2, integrated=False))  # no val, no pick

@@ -204,7 +204,9 @@ def test_patchnet_dense_attribution_and_figure(tmp_path):
     assert set(_model("patchnet").explanation_variants) == {"raw", "dense"}  # auto = refined
     fig = expl.plot(tmp_path / "patch.png", masks=torch.zeros(2, 1, 32, 32))
     assert (tmp_path / "patch.png").stat().st_size > 0
-    assert len(fig.axes) == 5 * 2  # rows: input, raw, scaled, refined, dense; one column per image
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 5 * 2  # rows: input, raw, scaled, refined, dense; one column per image
+    assert len(fig.axes) > len(panels)  # every map row states its scale in a colour bar
 
 
 def test_patchnet_timm_backbone():

@@ -279,11 +279,12 @@ def test_group_figure_titles_carry_the_contributions():
     model = _sop(num_groups=4)
     expl = model.explain(_images(2))
     fig = expl.plot(max_items=2, top_groups=3)
-    titles = [ax.get_title() for ax in fig.axes]
-    assert len(fig.axes) == 2 * (2 + 3)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    titles = [ax.get_title() for ax in panels]
+    assert len(panels) == 2 * (2 + 3) and len(fig.axes) > len(panels)  # + the stated-scale colour bar
     c = expl.contributions[0, int(expl.target[0])]
     top = int(c.abs().argmax())
-    assert f"g{top}: {float(c[top]):+.2f}" in titles[2]
+    assert f"group {top}: {float(c[top]):+.2f}" in titles[2]
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -40,7 +40,7 @@ class SelfExplainingModule(L.LightningModule):
 
     model_name: str = "?"  # set by @register_model
     # Hyperparameters the data decides (train.py passes them from the datamodule): no config default.
-    data_hparams: tuple[str, ...] = ("num_classes", "in_channels", "image_size", "task")
+    data_hparams: tuple[str, ...] = ("num_classes", "in_channels", "image_size", "task", "class_names")
     phases: tuple[str, ...] = ()  # phase names the ``schedule`` hyperparameter may use (zoo.schedule)
     actions: tuple[str, ...] = ()  # one-off steps it may place between phases (e.g. "push")
     explanation_kind: str = "post-hoc"  # the Explanation.kind this family returns
@@ -57,6 +57,7 @@ class SelfExplainingModule(L.LightningModule):
         optimizer: str = "adamw",
         scheduler: str = "cosine",  # "cosine" over trainer.max_epochs, or "none"
         schedule: Sequence[dict] | None = None,  # training phases as data (zoo.schedule.Schedule)
+        class_names: list[str] | None = None,  # from the datamodule: kept in config.yaml for figures/cards
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -65,7 +66,10 @@ class SelfExplainingModule(L.LightningModule):
             raise ValueError(f"num_classes must be ≥ 2, got {num_classes}")
         # Collects the init arguments of the whole class chain (the family's too).
         self.save_hyperparameters()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         self.num_classes, self.in_channels, self.image_size, self.task = num_classes, in_channels, image_size, task
+        self.class_names: list[str] | None = None if class_names is None else [str(c) for c in class_names]
         self.metrics = torch.nn.ModuleDict({split: self._make_metrics() for split in ("train_", "val_", "test_")})
         # Built (and validated) once: the hyperparameter does not change, and GdVAE asks every step.
         self._schedule = Schedule(schedule, self.phases, self.actions)

@@ -12,6 +12,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from zoo.viz import plot_explanation, save_figure
 
 
+def _class_names(module, datamodule) -> list[str] | None:
+    """The model's own class names (saved with it) when set, else the datamodule's; None → "class k"."""
+    return getattr(module, "class_names", None) or getattr(datamodule, "class_names", None)
+
+
 class ExplanationFigures(L.Callback):
     """Save the model's own explanation figure for a fixed batch every `every_n_epochs` and at test.
 
@@ -50,9 +55,8 @@ class ExplanationFigures(L.Callback):
                     images = batch["image"].to(module.device)
                     target = batch["label"].to(module.device) if batch["label"].ndim == 1 else None
                     expl = module.explain(images, target).detach()
-                    dm = trainer.datamodule
-                    fig = plot_explanation(expl, class_names=getattr(dm, "class_names", None),
-                                           masks=batch.get("mask"), max_items=self.n_images)
+                    fig = plot_explanation(expl, class_names=_class_names(module, trainer.datamodule),
+                                           masks=batch.get("mask"), labels=target, max_items=self.n_images)
         finally:
             module.train(was_training)
         tag = f"{stage}-epoch{trainer.current_epoch:03d}"
@@ -72,7 +76,8 @@ class ExplanationFigures(L.Callback):
         graph = batch["graph"].to(module.device)
         nodes = batch["mask"].nonzero().squeeze(1)[: min(self.n_images, 4)]
         expl = module.explain(graph, nodes=nodes).detach()
-        return plot_explanation(expl, class_names=getattr(dm, "class_names", None), max_items=len(nodes))
+        labels = batch["label"][: len(nodes)]  # the split's labels, in mask order: those of `nodes`
+        return plot_explanation(expl, class_names=_class_names(module, dm), labels=labels, max_items=len(nodes))
 
     def on_train_epoch_end(self, trainer: L.Trainer, module) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:

@@ -69,13 +69,20 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
+def input_convention() -> dict[str, Any]:
+    """What a saved model expects as input, for users outside the zoo: x = (image in [0, 1] - mean) / std."""
+    from zoo.data.common import MEAN, STD  # lazily: zoo.data imports hub (graph recipes)
+
+    return {"range": [-1.0, 1.0], "mean": MEAN, "std": STD}
+
+
 def save(model, directory: str | os.PathLike, metrics: Mapping[str, float] | None = None,
          command: str | None = None, data: str | None = None, notes: str | None = None) -> Path:
     """Write `model` to `directory` as safetensors + config.yaml + a model card. Returns the folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    config = {"model": model.model_name, "hparams": plain(dict(model.hparams))}
+    config = {"model": model.model_name, "hparams": plain(dict(model.hparams)), "input": input_convention()}
     if metrics:
         config["metrics"] = plain(dict(metrics))
     _atomic_write(directory / WEIGHTS, lambda p: save_file(state, p, metadata={"model": model.model_name}))

@@ -7,6 +7,7 @@ measured in the same run) → ``zoo.save`` (safetensors + config + card) and fig
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from zoo import evaluation, hub
 from zoo.cli import build, report
 from zoo.loggers import CSVLogger
 from zoo.registry import create_model, model_class
+from zoo.report_html import write_report
 
 log = logging.getLogger("zoo")
 
@@ -94,20 +96,23 @@ def prepare_graph(datamodule) -> None:
         return
     r = datamodule.recipe
     images, labels = datamodule.train_split()
-    log.info("fitting the graph's image encoder (zoo cnn, %d epochs on %d training images)",
-             r["encoder_epochs"], images.shape[0])
+    subsets = datamodule.encoder_subsets()  # per cross-fitting fold: the training nodes outside it
+    log.info("fitting the graph's %d image encoder(s) (zoo cnn, %d epochs on %d training images)",
+             len(subsets), r["encoder_epochs"], images.shape[0])
     started = time.perf_counter()
-    with torch.random.fork_rng():
-        encoder = fit_image_encoder(images, labels, datamodule.num_classes, r["encoder_widths"], r["encoder_epochs"],
-                                    r["encoder_lr"], r["encoder_batch_size"], r["seed"])
-    datamodule.attach_encoder(encoder, seconds=time.perf_counter() - started)
+    with torch.random.fork_rng():  # same seed for every fit: one initialisation, so one feature basis
+        encoders = [fit_image_encoder(images[m], labels[m], datamodule.num_classes, r["encoder_widths"],
+                                      r["encoder_epochs"], r["encoder_lr"], r["encoder_batch_size"], r["seed"])
+                    for m in subsets]
+    datamodule.attach_encoder(encoders, seconds=time.perf_counter() - started)
 
 
 def build_model(cfg: DictConfig, datamodule):
     """The model sized for the data: geometry and task always come from the datamodule."""
     # `model_kwargs`: sizes only the data knows (e.g. a graph's node-feature and context sizes).
     return build(cfg.model, num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
-                 image_size=datamodule.image_size, task=datamodule.task, **datamodule.model_kwargs)
+                 image_size=datamodule.image_size, task=datamodule.task, class_names=list(datamodule.class_names),
+                 **datamodule.model_kwargs)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, with_callbacks: bool = True) -> L.Trainer:
@@ -208,12 +213,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         published = hub.save(model, publish_to, metrics=card, command=_command(), data=datamodule.name)
         datamodule.export(published)
     (run_dir / "metrics.yaml").write_text(yaml.safe_dump(hub.plain(flat), sort_keys=False))
+    log_rows(trainer, rows)
     table = evaluation.format_table(f"results on {datamodule.name} (test split)", rows)
     report(table)
+    write_report(run_dir, rows, f"{model.model_name} on {datamodule.name}")
     report(f"model saved to {saved} · figures in {run_dir / 'figures'} · {flat['seconds']:.0f} s"
            + ("" if not ev.get("explanations", True) else
               " (quick runs: evaluate.explanations=false skips the metric pass, trainer=fast shortens training)"))
     return flat
+
+
+def log_rows(trainer: L.Trainer, rows: dict[str, dict[str, float]]) -> None:
+    """The table's numbers to every configured logger as ``<row>/<metric>`` (test split), at the last
+    step. Row names like "cnn Grad-CAM (best layer)" become TensorBoard-safe tags (no spaces/brackets)."""
+    def tag(text: str) -> str:
+        return "/".join(part.strip("_") for part in re.sub(r"[^A-Za-z0-9_./-]+", "_", text).split("/"))
+
+    metrics = {tag(f"{name}/{metric}"): float(value) for name, row in rows.items() for metric, value in row.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.save()
 
 
 def _route_lightning_logs() -> None:

@@ -1,4 +1,5 @@
-"""Datamodules of the zoo: the embedded synthetic benchmark and MedMNIST.
+"""Datamodules of the zoo: the embedded synthetic benchmark, MedMNIST and users' own files
+(folder / CSV / NPZ, :mod:`zoo.data.files`).
 
 All datamodules share one batch layout (see :mod:`zoo.data.common`):
 ``{"image": (B, C, H, W) in [-1, 1], "label": (B,) long or (B, K) float,
@@ -12,6 +13,7 @@ from typing import Any
 
 from zoo.data.catalog import SYNTHETIC_NAMES, available_datasets, create_datamodule
 from zoo.data.common import DatasetNotFoundError, denormalize, normalize
+from zoo.data.files import CSVDataModule, FolderDataModule, NPZDataModule
 from zoo.data.graphs import GraphDataModule
 from zoo.data.medmnist import MedMNISTDataModule, available_flags, is_medmnist_flag
 from zoo.data.synthetic import SyntheticDataModule
@@ -25,6 +27,9 @@ def create_graph_datamodule(name: str, **kwargs: Any) -> GraphDataModule:
 
 __all__ = [
     "SYNTHETIC_NAMES",
+    "CSVDataModule",
+    "FolderDataModule",
+    "NPZDataModule",
     "DatasetNotFoundError",
     "GraphDataModule",
     "create_graph_datamodule",

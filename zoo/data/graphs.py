@@ -7,7 +7,11 @@ families (X-Node). The recipe — encoder features, kNN graph, context vector pe
    zoo ``cnn`` of the recipe (``encoder_widths`` / ``_epochs`` / ``_lr`` / ``_batch_size``, train
    split only, no model selection on val/test), which the training code fits with Lightning and
    hands over with :meth:`GraphDataModule.attach_encoder` (``zoo.training.prepare_graph``) when the
-   cache does not hold the graph. This module never trains.
+   cache does not hold the graph. This module never trains. **Cross-fitting** (``folds`` = K ≥ 2, the
+   default 5): K encoders, encoder f fitted on the training nodes outside fold f
+   (:meth:`GraphDataModule.encoder_subsets`) and embedding every node (train, val, test) of fold f,
+   so no node's cues come from an encoder that saw it (see :mod:`zoo.data.graph_build`); ``folds=1``
+   is the single-encoder graph.
 2. **Cache.** The graph is written to ``<cache_dir>/<key>/`` (safetensors + JSON, no
    pickle), key = SHA-256 of the recipe, the encoder weights (when given) and the data actually
    read (images, split membership and *training* labels — so even the cache key cannot depend on
@@ -35,24 +39,15 @@ from torch.utils.data import DataLoader, Dataset
 from zoo import hub
 from zoo.data.catalog import create_datamodule
 from zoo.data.common import SPLITS, BaseDataModule, denormalize
-from zoo.data.graph_build import (
-    METRICS,
-    build_graph,
-    clustering_coefficient,
-    context_vectors,
-    embed,
-    embedding_saliency,
-    knn_graph,
-    neighbour_label_counts,
-    pagerank,
-    standardise,
-)
+from zoo.data.graph_build import (METRICS, build_graph, clustering_coefficient, context_vectors, embed,
+                                  embedding_saliency, fold_assignment, knn_graph, neighbour_label_counts,
+                                  pagerank, standardise)
 from zoo.graph_input import CONTEXT_NAMES
 from zoo.registry import create_model
 
 log = logging.getLogger("zoo")
 
-GRAPH_FILE, ENCODER_FILE, META_FILE = "graph.safetensors", "encoder.safetensors", "meta.json"
+GRAPH_FILE, ENCODER_FILE, META_FILE = "graph.safetensors", "encoder{}.safetensors", "meta.json"
 
 
 # ---------------------------------------------------------------------- helpers
@@ -103,9 +98,12 @@ class GraphDataModule(BaseDataModule):
             ignored when ``images`` (an image datamodule object) is given.
         root: MedMNIST folder (None: $ZOO_DATA_DIR or ~/.medmnist).
         image_kwargs: extra arguments of the image datamodule (e.g. ``train_subset``).
-        encoder: a trained image model (a saved zoo model folder / name, or the module itself), or
-            None: the recipe's zoo ``cnn`` (``encoder_*``), handed over by the training code with
-            :meth:`attach_encoder` where the cache does not hold the graph (``needs_encoder()``).
+        encoder: trained image model(s) — a saved zoo model folder / name or the module itself; with
+            folds ≥ 2 a list of K of them, ``encoder[f]`` not fitted on fold f's training nodes — or
+            None: the recipe's zoo ``cnn`` (``encoder_*``), fitted per fold by the training code and
+            handed over with :meth:`attach_encoder` where the cache does not hold the graph
+            (``needs_encoder()``).
+        folds: cross-fitting folds K over all nodes (1: no cross-fitting, one encoder for all).
         k, metric: kNN graph.
         cache_dir: where built graphs are cached (None: no cache).
         steps_per_epoch: full-batch optimiser steps per training epoch.
@@ -116,11 +114,19 @@ class GraphDataModule(BaseDataModule):
     input_kind = "graph"  # batches hold one whole graph, for models with input_kind "graph"
 
     def __init__(self, flag: str = "pneumoniamnist", root: str | None = None, images=None,
-                 image_kwargs: dict | None = None, encoder: str | nn.Module | None = None, k: int = 8,
+                 image_kwargs: dict | None = None, encoder: str | nn.Module | Sequence | None = None, k: int = 8,
                  metric: str = "cosine", encoder_widths: Sequence[int] = (32, 64, 128), encoder_epochs: int = 5,
                  encoder_lr: float = 3e-3, encoder_batch_size: int = 128, cache_dir: str | None = None,
-                 seed: int = 0, chunk: int = 2048, steps_per_epoch: int = 25) -> None:
+                 seed: int = 0, chunk: int = 2048, steps_per_epoch: int = 25,
+                 folds: int = 5) -> None:  # cross-fitting: K=5 keeps 80 % of the training nodes per encoder
         super().__init__(seed=seed)
+        if folds < 1:
+            raise ValueError(f"folds must be >= 1 (1 = no cross-fitting), got {folds}")
+        given = None if encoder is None else list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
+        if given is not None and len(given) != folds:
+            raise ValueError(f"{len(given)} encoder(s) given for folds={folds}: cross-fitting needs one encoder per "
+                             "fold (encoder=[...], encoder f not fitted on fold f); folds=1 embeds every node "
+                             "with one encoder")
         if metric not in METRICS:
             raise ValueError(f"unknown kNN metric {metric!r}; expected one of {METRICS}")
         if k < 1:
@@ -136,10 +142,10 @@ class GraphDataModule(BaseDataModule):
         self.images = images
         self.recipe = {"data": images.name, "image_kwargs": {k_: v for k_, v in (image_kwargs or {}).items()
                                                              if k_ != "root"},
-                       "encoder": encoder if isinstance(encoder, str) or encoder is None else "given",
+                       "encoder": None if given is None else [e if isinstance(e, str) else "given" for e in given],
                        "k": int(k), "metric": metric, "encoder_widths": list(encoder_widths),
                        "encoder_epochs": int(encoder_epochs), "encoder_lr": float(encoder_lr),
-                       "encoder_batch_size": int(encoder_batch_size), "seed": int(seed)}
+                       "encoder_batch_size": int(encoder_batch_size), "seed": int(seed), "folds": int(folds)}
         self.chunk = int(chunk)
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
@@ -150,11 +156,11 @@ class GraphDataModule(BaseDataModule):
         self.name = images.name
         self.context_names = list(CONTEXT_NAMES)
         # A given encoder's weights enter the cache key; one trained from the recipe does not (the recipe is).
-        self._encoder = hub.load(encoder) if isinstance(encoder, str) else encoder
-        self._encoder_given = encoder is not None
+        self._encoders = None if given is None else [hub.load(e) if isinstance(e, str) else e for e in given]
+        self._encoder_given = given is not None
         self._encoder_seconds = 0.0
-        if self._encoder is not None:
-            self.num_node_features = int(self._encoder.backbone.out_channels)
+        if self._encoders is not None:
+            self.num_node_features = int(self._encoders[0].backbone.out_channels)
         else:
             self.num_node_features = int(list(encoder_widths)[-1])
         self._tensors: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
@@ -169,9 +175,10 @@ class GraphDataModule(BaseDataModule):
         return {"num_node_features": self.num_node_features, "context_dim": len(self.context_names)}
 
     def _key(self, images: Tensor, y_train: Tensor, split: Tensor) -> str:
-        enc = _sha(*[_tensor_bytes(v) for _, v in sorted(self._encoder.state_dict().items())]) \
-            if self._encoder_given else ""
-        return _sha(json.dumps(self.recipe, sort_keys=True), enc, _tensor_bytes(images), _tensor_bytes(split),
+        given = self._encoders if self._encoder_given else []
+        enc = _sha(*[_tensor_bytes(v) for m in given for _, v in sorted(m.state_dict().items())])
+        # "v2": cross-fitted layout (encoder<f>.safetensors); older cache folders are never read.
+        return _sha("v2", json.dumps(self.recipe, sort_keys=True), enc, _tensor_bytes(images), _tensor_bytes(split),
                     _tensor_bytes(y_train))[:16]
 
     def _node_tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -196,20 +203,39 @@ class GraphDataModule(BaseDataModule):
     def needs_encoder(self) -> bool:
         """Whether setup() needs an encoder it does not have: none given or attached, and the graph
         not in the cache."""
-        if self._encoder is not None or self.graph is not None:
+        if self.graph is not None or self._encoders is not None:
             return False
         folder = self._cache_folder()
         return folder is None or not (folder / META_FILE).is_file()
 
     def train_split(self) -> tuple[Tensor, Tensor]:
         """(images (M,C,H,W) in [-1,1], labels (M,)) of the training nodes: all an encoder may learn from."""
-        images, labels, _, split = self._node_tensors()
-        return images[split == 0], labels[split == 0]
+        return self.images_of("train")
 
-    def attach_encoder(self, encoder: nn.Module, seconds: float = 0.0) -> None:
-        """Hand over the recipe's encoder, trained on :meth:`train_split` (``seconds``: its training
-        time, kept in ``timings``). It does not enter the cache key: the recipe determines it."""
-        self._encoder = encoder.eval()
+    def images_of(self, split: str) -> tuple[Tensor, Tensor]:
+        """(images in [-1,1], labels) of one split's nodes, in node order (val/test labels: evaluation only)."""
+        images, labels, _, split_ids = self._node_tensors()
+        rows = split_ids == SPLITS.index(split)
+        return images[rows], labels[rows]
+
+    def encoder_subsets(self) -> list[Tensor]:
+        """Boolean masks over the rows of :meth:`train_split`, one per encoder the recipe needs: the
+        training nodes outside cross-fitting fold f (all of them when folds=1). The training code fits
+        one encoder on each and hands them to :meth:`attach_encoder`."""
+        _, _, y_train, split = self._node_tensors()
+        fold = fold_assignment(split, self.recipe["folds"], self.recipe["seed"])[split == 0]
+        if self.recipe["folds"] < 2:
+            return [torch.ones_like(fold, dtype=torch.bool)]
+        return [fold != f for f in range(self.recipe["folds"])]
+
+    def attach_encoder(self, encoders: Sequence[nn.Module], seconds: float = 0.0) -> None:
+        """Hand over the recipe's encoders, ``encoders[f]`` trained on ``encoder_subsets()[f]`` of
+        :meth:`train_split` (``seconds``: their training time, kept in ``timings``). They do not enter
+        the cache key: the recipe determines them."""
+        if len(encoders) != self.recipe["folds"]:
+            raise ValueError(f"folds={self.recipe['folds']}: attach_encoder needs {self.recipe['folds']} "
+                             f"encoder(s), got {len(encoders)}")
+        self._encoders = [e.eval() for e in encoders]
         self._encoder_seconds = float(seconds)
 
     def setup(self, stage: str | None = None) -> None:
@@ -224,48 +250,56 @@ class GraphDataModule(BaseDataModule):
         context, _, _ = standardise(built["context_raw"], train)
         uint8 = (denormalize(images) * 255).round().to(torch.uint8)
         self.graph = Data(x=x, edge_index=built["edge_index"], edge_weight=built["edge_weight"], context=context,
+                          fold=built["fold"],
                           context_raw=built["context_raw"], y_train=y_train, train_mask=train, val_mask=split == 1,
                           test_mask=split == 2, encoder_logits=built["encoder_logits"], images=uint8,
                           class_names=self.class_names, context_names=self.context_names)
         self._labels = labels
 
     def _load_or_build(self, images: Tensor, y_train: Tensor, split: Tensor) -> dict[str, Tensor]:
-        folder = self._cache_folder()
+        folder, r = self._cache_folder(), self.recipe
         if folder is not None:
             self.cache_path = folder
             if (folder / META_FILE).is_file():
                 tensors = load_file(folder / GRAPH_FILE)
                 meta = json.loads((folder / META_FILE).read_text())
                 self.timings = meta["timings"]
-                enc = create_model("cnn", **meta["encoder_hparams"]) if self._encoder is None else self._encoder
-                if self._encoder is None:
-                    enc.load_state_dict(load_file(folder / ENCODER_FILE))
-                self._encoder = enc.eval()
+                if self._encoders is None:
+                    self._encoders = [self._cached_encoder(folder / ENCODER_FILE.format(f), meta)
+                                      for f in range(r["folds"])]
                 log.info("graph loaded from cache %s", folder)
                 return tensors
-        if self._encoder is None:
+        if self._encoders is None:
             raise RuntimeError(f"graph of {self.name}: no encoder to embed the images with, and the graph is not "
                                f"cached — pass encoder=<a saved zoo model> or let the training code fit the "
                                f"recipe's cnn: zoo.training.prepare_graph(datamodule) before setup()")
-        r = self.recipe
-        built = build_graph(images, y_train, split, encoder=self._encoder, k=r["k"], metric=r["metric"],
+        fold = fold_assignment(split, r["folds"], r["seed"])
+        built = build_graph(images, y_train, split, self._encoders, fold, k=r["k"], metric=r["metric"],
                             chunk=self.chunk)
         self.timings = {"encoder_training": self._encoder_seconds, **built.pop("timings")}
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in built.items()}, folder / GRAPH_FILE)
-            save_file({k: v.contiguous() for k, v in self._encoder.state_dict().items()}, folder / ENCODER_FILE)
-            meta = {"recipe": r, "timings": self.timings, "encoder_model": self._encoder.model_name,
-                    "encoder_hparams": hub.plain(dict(self._encoder.hparams)), "context_names": self.context_names}
+            for f, enc in enumerate(self._encoders):
+                save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, folder / ENCODER_FILE.format(f))
+            meta = {"recipe": r, "timings": self.timings, "encoder_model": self._encoders[0].model_name,
+                    "encoder_hparams": hub.plain(dict(self._encoders[0].hparams)), "context_names": self.context_names}
             (folder / META_FILE).write_text(json.dumps(meta, indent=1))
         return built
 
+    @staticmethod
+    def _cached_encoder(path: Path, meta: dict) -> nn.Module:
+        enc = create_model("cnn", **meta["encoder_hparams"])
+        enc.load_state_dict(load_file(path))
+        return enc.eval()
+
     # ------------------------------------------------------------------ access
     @property
-    def encoder(self):
-        """The image encoder that made the node features (trained on the train split, or given)."""
+    def encoders(self) -> list:
+        """The image encoders that made the node features: ``[f]`` embeds fold f (``graph.fold``) and
+        never saw fold f's training nodes; one encoder when folds=1."""
         self.setup()
-        return self._encoder
+        return self._encoders
 
     def labels(self, split: str | None = None) -> Tensor:
         """True labels (evaluation only): of every node, or of one split's nodes in node order."""
@@ -310,23 +344,23 @@ class GraphDataModule(BaseDataModule):
         probs = self.graph.encoder_logits[mask].softmax(1)
         kw = dict(task="multiclass", num_classes=self.num_classes)
         y = self._labels[mask]
-        return {"cnn encoder (image CNN, train split)": {
+        return {"cnn encoder (image CNN, train split, cross-fitted)": {
             "acc": float(torchmetrics.functional.accuracy(probs, y, **kw)),
             "auroc": float(torchmetrics.functional.auroc(probs, y, **kw))}}
 
     def export(self, folder: str | Path) -> Path:
-        """Write the graph recipe next to a saved model: ``graph.yaml`` + the encoder as a zoo folder.
-
-        ``GraphDataModule(**yaml.safe_load(open('graph.yaml')), encoder='<folder>/encoder')``
-        rebuilds the same graph from the images (the cache key makes it a no-op when cached).
+        """Write the graph recipe next to a saved model: ``graph.yaml`` + the encoders as zoo folders
+        (``encoder/``; with cross-fitting ``encoders/<f>/``). :meth:`from_saved` rebuilds the same
+        graph from the images (the cache key makes it a no-op when cached).
         """
         import yaml
 
         folder = Path(folder)
-        hub.save(self.encoder, folder / "encoder", data=self.name,
-             notes="Image encoder of the X-Node graph (node features = pooled backbone features).")
+        for path, enc in zip(_encoder_folders(folder, self.recipe["folds"]), self.encoders):
+            hub.save(enc, path, data=self.name, notes="Image encoder of the X-Node graph (node features = pooled "
+                     "backbone features); with cross-fitting it embeds the nodes of its fold, unseen by it.")
         recipe = {"flag": self.name, "image_kwargs": self.recipe["image_kwargs"], "k": self.recipe["k"],
-                  "metric": self.recipe["metric"], "seed": self.recipe["seed"]}
+                  "metric": self.recipe["metric"], "seed": self.recipe["seed"], "folds": self.recipe["folds"]}
         (folder / "graph.yaml").write_text(
             "# Graph recipe of this model: GraphDataModule.from_saved(<this folder>, root=<medmnist dir>)\n"
             + yaml.safe_dump(recipe, sort_keys=False))
@@ -348,14 +382,22 @@ class GraphDataModule(BaseDataModule):
         if not (folder / "graph.yaml").is_file():
             raise FileNotFoundError(f"no graph recipe (graph.yaml) in {folder}: not a saved graph model")
         recipe = yaml.safe_load((folder / "graph.yaml").read_text())
-        return cls(**{**recipe, "root": root, "encoder": str(folder / "encoder"), **kwargs})
+        recipe.setdefault("folds", 1)  # recipes saved before cross-fitting: one encoder for every node
+        encoders = [str(p) for p in _encoder_folders(folder, recipe["folds"])]
+        return cls(**{**recipe, "root": root, "encoder": encoders, **kwargs})
+
+
+def _encoder_folders(folder: Path, folds: int) -> list[Path]:
+    """Where a saved graph model keeps its encoder(s): ``encoder/`` (folds=1) or ``encoders/<f>/``."""
+    return [folder / "encoder"] if folds < 2 else [folder / "encoders" / str(f) for f in range(folds)]
 
 
 _RECIPE_NOTE = """
 ## Graph recipe
 
 This model classifies nodes of a kNN image graph of {name} (k={k}, {metric}); `graph.yaml` and the
-image encoder in `encoder/` rebuild that graph from the images, identically:
+image encoder(s) in `encoder/` (cross-fitted: `encoders/<fold>/`) rebuild that graph from the images,
+identically:
 
 ```python
 import zoo
@@ -371,4 +413,5 @@ print(expl.node_text[0]); expl.plot("nodes.png")
 
 
 __all__ = ["CONTEXT_NAMES", "GraphDataModule", "build_graph", "clustering_coefficient", "context_vectors",
-           "embed", "embedding_saliency", "knn_graph", "neighbour_label_counts", "pagerank", "standardise"]
+           "embed", "embedding_saliency", "fold_assignment", "knn_graph", "neighbour_label_counts", "pagerank",
+           "standardise"]

@@ -2,7 +2,8 @@
 
 * Localisation (:mod:`zoo.metrics.localization`): pointing game / hit rate, energy in mask,
   mask IoU, plateau-robust argmax location.
-* Faithfulness (:mod:`zoo.metrics.faithfulness`): RISE deletion / insertion AUC.
+* Faithfulness (:mod:`zoo.metrics.faithfulness`): RISE deletion / insertion AUC on grey, blur and
+  noise substrates (headline: the worst), equal-score pixels switched together.
 * Stability (:mod:`zoo.metrics.stability`): EvalProtoPNet noise, argmax shift, map IoU.
 
 Only torch / torchvision / numpy / scipy are imported here, never other zoo modules, so the
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .faithfulness import auc, deletion_insertion, make_substrate, target_probability
+from .faithfulness import SUBSTRATES, auc, deletion_insertion, faithfulness, make_substrate, target_probability
 from .localization import argmax_location, energy_in_mask, hit_rate, mask_iou, pointing_game
 from .stability import evalprotopnet_noise, explanation_stability, top_fraction_mask
 from .targets import class_targets, targets_or_predictions
@@ -28,6 +29,9 @@ __all__ = [
     "mask_iou",
     "energy_in_mask",
     "deletion_insertion",
+    "faithfulness",
+    "SUBSTRATES",
+    "worst_substrate",
     "auc",
     "target_probability",
     "make_substrate",
@@ -44,6 +48,19 @@ def _nanmean(x: Tensor) -> float:
     return float(torch.nanmean(x.float()))
 
 
+def worst_substrate(row: dict[str, float]) -> dict[str, float]:
+    """The headline ``deletion_auc`` / ``insertion_auc`` of a row of per-substrate means
+    (``"deletion_auc[grey]"``, ...): the worst substrate, i.e. the highest deletion and the lowest
+    insertion AUC, so a family trained on one substrate (a blank-patch penalty on grey) cannot win
+    by it. Means first, then the worst: the worst of the batch means, not a per-image worst."""
+    out = dict(row)
+    for mode, pick in (("deletion_auc", max), ("insertion_auc", min)):
+        values = [v for k, v in row.items() if k.startswith(f"{mode}[")]
+        if values:
+            out[mode] = pick(values)
+    return out
+
+
 def explanation_metrics(
     model: Callable[[Tensor], Tensor],
     explain_fn: Callable[[Tensor, Tensor | None], Tensor],
@@ -55,6 +72,8 @@ def explanation_metrics(
     generator: torch.Generator | None = None,
     activation: str | None = "softmax",
     batch_size: int = 256,
+    substrates: tuple[str, ...] = SUBSTRATES,
+    ties: str = "plateau",
 ) -> dict[str, float]:
     """Batch means of the standard explanation metrics.
 
@@ -68,9 +87,12 @@ def explanation_metrics(
         steps: deletion/insertion steps.
         stability: whether to run the (extra forward/explain pass) stability metrics.
         generator: seeded generator for the stability noise.
+        substrates: deletion ends / insertion starts (:func:`faithfulness`), each reported.
+        ties: tie handling of the deletion/insertion order (default: equal scores switch together).
 
     Returns:
-        ``{"deletion_auc", "insertion_auc"}`` plus ``{"hit_rate", "energy_in_mask"}`` when
+        ``{"deletion_auc", "insertion_auc"}`` (the worst substrate, :func:`worst_substrate`),
+        ``"deletion_auc[s]"`` / ``"insertion_auc[s]"`` per substrate ``s``, plus ``{"hit_rate", "energy_in_mask"}`` when
         masks are given and ``{"stability", "map_iou", "argmax_shift"}`` when ``stability``;
         localisation means ignore images with empty masks (NaN if all are empty).
     """
@@ -81,12 +103,12 @@ def explanation_metrics(
     if masks is not None:
         out["hit_rate"] = _nanmean(pointing_game(attribution, masks))
         out["energy_in_mask"] = _nanmean(energy_in_mask(attribution, masks))
-    di = deletion_insertion(
-        model, images, attribution, target, steps=steps, mode="both",
-        activation=activation, batch_size=batch_size,
-    )
-    out["deletion_auc"] = float(di["deletion"].mean())
-    out["insertion_auc"] = float(di["insertion"].mean())
+    fa = faithfulness(model, images, attribution, target, steps=steps, deletion=substrates, insertion=substrates,
+                      ties=ties, activation=activation, batch_size=batch_size)
+    for mode in ("deletion", "insertion"):
+        for s in substrates:
+            out[f"{mode}_auc[{s}]"] = float(fa[f"{mode}[{s}]"].mean())
+    out = worst_substrate(out)
     if stability:
         st = explanation_stability(explain_fn, images, target, generator=generator)
         out["stability"] = st["stability"]

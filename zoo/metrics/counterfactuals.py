@@ -7,7 +7,7 @@ per counterfactual so callers can average, split by class, or take the worst cla
   after re-encoding the decoded image, so the image itself must carry the change).
 * proximity — mean absolute pixel change per pixel and channel, ``‖x_cf − x‖₁ / (C·H·W)``.
 * latent consistency — ``‖enc(x_cf) − z_cf‖₂``: does the encoder read the image back where it was made.
-* realism proxies — another classifier's confidence in the target class on ``x_cf``, and the RMS pixel
+* realism proxies (see zoo/models/gdvae/report.py for the independent judge) — another classifier's confidence in the target class on ``x_cf``, and the RMS pixel
   distance to the nearest real image of the target class (compare with the same distance for real
   images, :func:`nearest_neighbour_distance` on held-out real images).
 * mass in mask — the fraction of a change map's mass inside a ground-truth evidence mask.
@@ -91,11 +91,14 @@ def classifier_confidence(classifier: Callable[[Tensor], Tensor], images: Tensor
 
 
 @torch.no_grad()
-def nearest_neighbour_distance(images: Tensor, reference: Tensor, chunk: int = 512) -> Tensor:
-    """(N,) RMS per-pixel distance from each image to its nearest neighbour in `reference` (M,C,H,W).
+def nearest_neighbour_distance(images: Tensor, reference: Tensor, chunk: int = 512, rms: bool = True) -> Tensor:
+    """(N,) distance from each image (or feature vector) to its nearest neighbour in `reference` (M,...):
+    RMS per value (``rms=True``, pixels) or plain Euclidean (``rms=False``, e.g. a classifier's features).
     torch.cdist in chunks (exact search; FAISS is not a dependency and M is a few thousand)."""
     a, r = images.flatten(1).float(), reference.flatten(1).float()
     if a.shape[1] != r.shape[1]:
         raise ValueError(f"nearest_neighbour_distance: image sizes differ, {a.shape[1]} vs {r.shape[1]} values")
+    if r.shape[0] == 0:
+        raise ValueError("nearest_neighbour_distance: the reference set is empty")
     best = torch.cat([torch.cdist(a[i:i + chunk], r).amin(1) for i in range(0, a.shape[0], chunk)])
-    return best / a.shape[1] ** 0.5
+    return best / a.shape[1] ** 0.5 if rms else best

@@ -113,8 +113,8 @@ def context_ablation_fidelity(model, data, mask: Tensor) -> dict[str, dict[str, 
 def to_pyg(expl, data):
     """The model's own explanation as a ``torch_geometric.explain.Explanation`` (float32 masks).
 
-    ``edge_mask`` (E,): edges from training neighbours labelled with the explained class into the
-    explained nodes; ``index``: the explained nodes; ``target``: their explained class; the model's
+    ``edge_mask`` (E,): the edges whose gradient raises the explained logits (the model's own
+    computation, ``model.edge_attribution``); ``index``: the explained nodes; ``target``: their explained class; the model's
     extra inputs (edge_weight, context) travel as model arguments so PyG metrics can rerun it.
     """
     from torch_geometric.explain import Explanation as PygExplanation
@@ -129,7 +129,7 @@ def to_pyg(expl, data):
 
 def pyg_fidelity(model, data, nodes: Tensor) -> dict[str, float]:
     """PyG fid+, fid− (model explanations) and the characterisation score for the model's own
-    explanation of `nodes`.
+    explanation of `nodes` (its edge mask: the edges with positive edge gradient).
 
     fid+ = 1 − P(prediction unchanged when the explanation's edges are removed);
     fid− = 1 − P(prediction unchanged when only the explanation's edges are kept).
@@ -139,7 +139,7 @@ def pyg_fidelity(model, data, nodes: Tensor) -> dict[str, float]:
 
     class OwnExplanation(ExplainerAlgorithm):  # the model explains itself; PyG only measures
         def forward(self, model, x, edge_index, *, target, index=None, **kwargs):
-            raise NotImplementedError("X-Node explanations come from model.explain")
+            raise NotImplementedError("the edge explanation comes from model.explain")
 
         def supports(self) -> bool:
             return True

@@ -62,10 +62,11 @@ class CNNBaseline(_BlackBox):
 
     def __init__(self, widths: Sequence[int] = (32, 64, 128), posthoc: str = "gradcam",
                  cam_layer: str | None = None,  # None = last conv; evaluation also reports the best layer
+                 pretrained_file: str | None = None,  # a state dict of the zoo CNN, see build_backbone
                  lr: float = 3e-3,  # from scratch: the budget of checkpoints/cnn-synthetic (timm keeps 1e-3)
                  **base) -> None:
         super().__init__(posthoc, cam_layer, lr=lr, **base)
-        self._attach(build_backbone("zoo_cnn", self.in_channels, widths=widths))
+        self._attach(build_backbone("zoo_cnn", self.in_channels, widths=widths, pretrained_file=pretrained_file))
 
 
 @register_model("timm")
@@ -74,6 +75,7 @@ class TimmBaseline(_BlackBox):
 
     def __init__(self, backbone: str = "resnet18",
                  pretrained: bool = False,  # timm weights need internet: off by default
+                 pretrained_file: str | None = None,  # local weights file (safetensors / state dict), see build_backbone
                  posthoc: str = "gradcam", cam_layer: str | None = None, **base) -> None:
         super().__init__(posthoc, cam_layer, **base)
-        self._attach(build_backbone(backbone, self.in_channels, pretrained=pretrained))
+        self._attach(build_backbone(backbone, self.in_channels, pretrained=pretrained, pretrained_file=pretrained_file))

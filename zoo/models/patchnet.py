@@ -97,6 +97,7 @@ class MedicalPatchNet(SelfExplainingModule):
         # stage widths of patch_cnn / zoo_cnn; patch_cnn at P=8: 8→6→4→2→1 (each 3×3 followed by a 1×1)
         widths: Sequence[int] = (32, 64, 128),
         pretrained: bool = False,  # timm weights (cannot be downloaded offline)
+        pretrained_file: str | None = None,  # local weights file (safetensors / state dict), see build_backbone
         pad_value: float = 0.0,  # fills the border when H is not a multiple of P (0 = mid-grey in [-1,1])
         dense_stride: int | None = None,  # window stride of the dense map; None: 1 for patch_cnn, ≤ P/2 otherwise
         # what windows sticking out of the image see: replicate|reflect|constant|none; replicate continues
@@ -122,7 +123,7 @@ class MedicalPatchNet(SelfExplainingModule):
             raise ValueError(f"dense_stride must be in 1..patch_size ({patch_size}), got {dense_stride}")
         self.patch_size = patch_size
         self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained,
-                                       patch_size=patch_size)
+                                       patch_size=patch_size, pretrained_file=pretrained_file)
         self.head = nn.Linear(self.backbone.out_channels, self.num_classes)  # shared by every patch
 
     def _resolve_map(self, choice: str | None) -> str:

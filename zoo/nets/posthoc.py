@@ -35,6 +35,32 @@ def gradcam(model: nn.Module, x: Tensor, target: Tensor, layer: str | nn.Module 
     return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
 
 
+def gradcam_layers(model: nn.Module, x: Tensor, target: Tensor, layers: list[str]) -> dict[str, Tensor]:
+    """Grad-CAM maps (B,1,H,W) at every layer in `layers` from one forward and one backward pass.
+
+    Same formula as :func:`gradcam` (Captum's LayerGradCam: ReLU(sum_c mean_hw(dy/dA_c) A_c), bilinear
+    upsampling). Why hand-written: LayerGradCam takes one layer per call, i.e. one forward + backward
+    per layer; screening every conv layer (``best_gradcam_layer``) needs them all for the same images.
+    """
+    modules = {name: resolve_layer(model, name) for name in layers}
+    acts: dict[str, Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, name=name: acts.__setitem__(name, out))
+               for name, m in modules.items()]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()  # rows are independent
+            grads = torch.autograd.grad(score, [acts[name] for name in layers])
+    finally:
+        for h in handles:
+            h.remove()
+    maps = {}
+    for name, g in zip(layers, grads):
+        cam = (g.mean(dim=(2, 3), keepdim=True) * acts[name]).sum(dim=1, keepdim=True).relu().detach()
+        maps[name] = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    return maps
+
+
 def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor, n_steps: int = 32, baseline: float = 0.0) -> Tensor:
     """Integrated Gradients (B,1,H,W) summed over channels, from a constant `baseline` image.
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from zoo.viz import register_plotter
+from zoo.viz import class_name, panel_title, register_plotter
 
 MAX_NEIGHBOURS = 8
 
@@ -34,22 +34,23 @@ def _thumb(ax, image: torch.Tensor | None, colour: str, title: str | None = None
 
 
 @register_plotter("node-context")
-def plot_node_context(expl, max_items: int = 4, class_names: list[str] | None = None, masks=None, **_: Any):
+def plot_node_context(expl, max_items: int = 4, class_names: list[str] | None = None, masks=None, labels=None,
+                      **_: Any):
     ex = expl.extras
-    names = class_names or ex.get("class_names") or [f"class {k}" for k in range(expl.logits.shape[1])]
+    names = class_names or ex.get("class_names") or [class_name(k) for k in range(expl.logits.shape[1])]
     cmap = plt.get_cmap("tab10")
     n = min(max_items, len(expl))
     cols = 1 + MAX_NEIGHBOURS // 2
-    fig = plt.figure(figsize=(15, 2.6 * n))
-    outer = fig.add_gridspec(n, 3, width_ratios=[cols * 0.9, 2.6, 4.2], wspace=0.25, hspace=0.45)
-    probs = expl.logits.softmax(1)
+    # Constrained layout makes room for the cue names and the thumbnail titles (they were clipped/overlapping).
+    fig = plt.figure(figsize=(16, 3.0 * n + 0.4), layout="constrained")
+    outer = fig.add_gridspec(n, 3, width_ratios=[cols * 0.9, 3.0, 4.2])
     for r in range(n):
         t = int(expl.target[r])
         node = int(ex["nodes"][r])
-        grid = outer[r, 0].subgridspec(2, cols, wspace=0.08, hspace=0.25)
+        grid = outer[r, 0].subgridspec(2, cols)
         ax = fig.add_subplot(grid[:, 0])
         img = ex["images"][r] if "images" in ex else None
-        _thumb(ax, img, cmap(t), f"node {node}\n{names[t]} p={probs[r, t]:.2f}")
+        _thumb(ax, img, cmap(t), f"node {node}\n" + panel_title(expl, r, names, labels).replace(" · ", "\n", 1).replace(" p=", "\np="))
         nbrs, labels = ex["neighbours"][r], ex["neighbour_train_labels"][r]
         nb_images = ex.get("neighbour_images", [None] * len(expl))[r]
         for j in range(min(MAX_NEIGHBOURS, len(nbrs))):

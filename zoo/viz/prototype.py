@@ -15,7 +15,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
-from zoo.viz import register_plotter, save_figure, show_image, show_signed_map
+from zoo.viz import SIGNED, class_name, colour_bar, panel_title, register_plotter, save_figure, show_image, show_signed_map
 
 
 def _box(ax, box, color: str = "red") -> None:
@@ -24,12 +24,12 @@ def _box(ax, box, color: str = "red") -> None:
 
 
 def _name(k: int, class_names: list[str] | None) -> str:
-    return class_names[k] if class_names and k < len(class_names) else str(k)
+    return class_name(k, class_names)
 
 
 @register_plotter("prototype")
 def plot_prototype(expl, max_items: int = 8, class_names: list[str] | None = None, masks=None, top_k: int = 2,
-                   **_: Any):
+                   labels=None, **_: Any):
     if expl.inputs is None or expl.attribution is None:
         raise ValueError("a prototype explanation without inputs/attribution cannot be drawn")
     top = expl.extras.get("top_prototypes")
@@ -42,13 +42,12 @@ def plot_prototype(expl, max_items: int = 8, class_names: list[str] | None = Non
     k = min(top_k, top.shape[1])
     n = min(max_items, len(expl))
     cols = 1 + 2 * k
-    fig, axes = plt.subplots(n, cols, figsize=(1.7 * cols, 1.8 * n), squeeze=False)
-    probs = expl.logits.softmax(1)
+    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols + 0.8, 2.2 * n + 0.4), squeeze=False, layout="constrained")
     weight_of = expl.contributions  # (B,K,P) or None (probabilistic: mean-prototype view)
     for i in range(n):
         t = int(expl.target[i])
-        show_signed_map(axes[i, 0], expl.inputs[i], expl.attribution[i],
-                        title=f"{_name(t, class_names)} p={float(probs[i, t]):.2f}")
+        shown = show_signed_map(axes[i, 0], expl.inputs[i], expl.attribution[i],
+                                title=panel_title(expl, i, class_names, labels))
         if masks is not None:
             axes[i, 0].contour(masks[i].squeeze().cpu().numpy(), levels=[0.5], colors="lime", linewidths=0.8)
         for r in range(k):
@@ -56,19 +55,20 @@ def plot_prototype(expl, max_items: int = 8, class_names: list[str] | None = Non
             g = float(expl.prototype_similarities[i, j])
             contrib = f" c={float(weight_of[i, t, j]):.2f}" if weight_of is not None else ""
             ax_test, ax_src = axes[i, 1 + 2 * r], axes[i, 2 + 2 * r]
-            show_image(ax_test, expl.inputs[i], f"looks like p{j}: g={g:.2f}{contrib}")
+            show_image(ax_test, expl.inputs[i], f"this looks like p{j}\ng={g:.2f}{contrib}")
             if boxes is not None:
                 _box(ax_test, boxes[i, r])
             cls = f" ({_name(int(pclass[j]), class_names)})" if pclass is not None else ""
             if sources is not None and j < len(provenance) and provenance[j]["pushed"]:
-                show_image(ax_src, sources[j], f"that: p{j}{cls} #{provenance[j]['index']}")
+                show_image(ax_src, sources[j], f"that: p{j}{cls}\ntrain #{provenance[j]['index']}")
                 _box(ax_src, provenance[j]["box"])
             else:
                 ax_src.set_axis_off()
-                ax_src.set_title(f"p{j}{cls} (not pushed)", fontsize=8)
+                ax_src.set_title(f"p{j}{cls}\n(not pushed)", fontsize=7)
     view = expl.extras.get("view", "exact")
-    fig.suptitle(f"this looks like that — attribution ({view}): red = for the class; top-{k} prototypes", fontsize=9)
-    fig.tight_layout()
+    colour_bar(fig, shown, axes[:, 0].tolist(), "logit " + SIGNED, location="left")
+    fig.suptitle(f"this looks like that — attribution ({view}): red = for the class; top-{k} prototypes "
+                 f"(g: similarity, c: contribution to the logit)", fontsize=9)
     return fig
 
 
@@ -87,7 +87,8 @@ def prototype_gallery(source, path=None, class_names: list[str] | None = None, m
     classes = sorted({p.get("class", 0) for p in provenance})
     per_class = {c: [p for p in provenance if p.get("class", 0) == c][:max_per_class] for c in classes}
     cols = max(len(v) for v in per_class.values())
-    fig, axes = plt.subplots(len(classes), cols, figsize=(1.3 * cols, 1.45 * len(classes)), squeeze=False)
+    fig, axes = plt.subplots(len(classes), cols, figsize=(1.4 * cols + 0.6, 1.6 * len(classes) + 0.4), squeeze=False,
+                             layout="constrained")
     for r, c in enumerate(classes):
         for col in range(cols):
             ax = axes[r, col]

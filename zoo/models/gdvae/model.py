@@ -356,8 +356,9 @@ class GdVAE(SelfExplainingModule):
     # ------------------------------------------------------------------ counterfactual metrics
     def image_report_rows(self, datamodule, baseline=None, n_images: int = 256) -> dict[str, dict[str, float]]:
         """Counterfactual validity / proximity / locality rows and the gradient-search comparison
-        (report.py), after the shared explanation metrics."""
-        return counterfactual_rows(self, datamodule, baseline=baseline, n_images=n_images)
+        (report.py), after the shared explanation metrics. The same run's black-box ``cnn`` is the
+        independent judge of validity and realism (self-judged validity beside it)."""
+        return counterfactual_rows(self, datamodule, judge=baseline, n_images=n_images)
 
     # ------------------------------------------------------------------ training
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

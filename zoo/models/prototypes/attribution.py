@@ -4,12 +4,15 @@ The prediction is logits = g Wᵀ with g_j = max_hw s_j (the max-pooled similari
 the contribution of prototype j to the target t is W[t,j]·g_j, attained at one feature cell. The
 views of :func:`prototype_attribution` (B,1,H,W):
 
-* ``view="exact"`` — W[t,j]·g_j is placed on the input cell of the feature location where g_j is
-  attained, summed over j: the map sums to the target logit exactly. Inside its cell a contribution
-  is shared in proportion to s_j bilinearly upsampled to the input, clipped at 0
-  (``spread="similarity"``, default: the ProtoPNet visualisation, still exactly the contribution on
-  exactly that cell) or evenly (``spread="even"``). Why the default: spread evenly, the map's maximum
-  is a whole cell and the pointing game lands on the cell's corner pixel (docs/notes/prototypes.md).
+* ``view="exact"`` — "sum-exact": W[t,j]·g_j is shared over input pixels, summed over j, so the map
+  sums to the target logit exactly. Where a contribution goes (``spread``):
+  - ``"receptive_field"`` (default): over the receptive-field box (rf.py) of the feature location
+    where g_j is attained, in proportion to s_j bilinearly upsampled to the input, clipped at 0 —
+    the pixels that feature saw, weighted like the ProtoPNet visualisation;
+  - ``"similarity"``: the same weighting but only inside the input cell (stride cell) of that location;
+  - ``"even"``: evenly over that cell.
+  Why the default (measured on val, docs/notes/prototypes.md): a cell is 2×2 px of a 14 px field, so
+  the cell maps leave ~98 % of the image exactly 0 and deletion mostly measures tie order.
 * ``view="similarity"`` — Σ_j W[t,j]·s_j bilinearly upsampled: smoother, not a decomposition.
 
 Input pixel y belongs to feature cell ⌊y·h/H⌋ (:func:`cell_partition`), for any h, H.
@@ -21,24 +24,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .rf import ReceptiveField, rf_axis
+
 VIEWS = ("exact", "similarity")
-SPREADS = ("similarity", "even")
+SPREADS = ("receptive_field", "similarity", "even")
 
 
 def check_view(view: str, spread: str) -> None:
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; expected 'exact' or 'similarity'")
     if spread not in SPREADS:
-        raise ValueError(f"unknown spread {spread!r}; expected 'similarity' or 'even'")
+        raise ValueError(f"unknown spread {spread!r}; expected one of {SPREADS}")
 
 
 def prototype_attribution(s: Tensor, g: Tensor, where: Tensor, w_t: Tensor, view: str, size: tuple[int, int],
-                          spread: str = "similarity") -> Tensor:
+                          spread: str = "receptive_field", rf: ReceptiveField | None = None) -> Tensor:
     """(B,1,H,W) map of the target logit from the similarity maps s (B,P,h,w), their maxima g (B,P)
     at flat locations `where` (B,P), and the target's last-layer weights w_t (B,P); see the module
-    docstring for `view` and `spread`."""
+    docstring for `view` and `spread`; `rf` is needed for spread="receptive_field"."""
     B, P, h, w = s.shape
     if view == "exact":
+        if spread == "receptive_field":
+            if rf is None:
+                raise ValueError("spread='receptive_field' needs the network's receptive field (rf=)")
+            return spread_within_cells(w_t * g, where, s, *size, rf=rf)
         if spread == "similarity":  # within each cell, shared like the prototype's upsampled map
             return spread_within_cells(w_t * g, where, s, *size)
         cells = torch.zeros(B, h * w, device=s.device, dtype=s.dtype)
@@ -66,16 +75,20 @@ def spread_over_cells(cell_values: Tensor, H: int, W: int) -> Tensor:
 
 
 def _cell_axis(n: int, N: int, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One axis of the cell partition with bilinear (align_corners=False) sampling coordinates.
-
-    For cell r of n and its k-th input pixel (k < the cell's pixel count): the pixel index (n,c),
-    whether it exists (n,c), and the two source cells and the weight of the second that
-    ``F.interpolate(mode="bilinear", align_corners=False)`` uses for that pixel (n,c) each."""
+    """One axis of the cell partition: the pixels of each of the n cells (:func:`_window_axis`)."""
     rows = torch.arange(N, device=device) * n // N  # pixel → cell, as in cell_partition
     count = torch.bincount(rows, minlength=n)  # (n,)
     start = torch.div(torch.arange(n, device=device) * N + n - 1, n, rounding_mode="floor")  # first pixel of each cell
-    offset = torch.arange(int(count.max()), device=device)
-    pix = start[:, None] + offset[None]  # (n,c)
+    return _window_axis(start, start + count - 1, n, N)
+
+
+def _window_axis(first: Tensor, last: Tensor, n: int, N: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """For feature index r of n owning input pixels first[r]..last[r] (inclusive) and its k-th pixel:
+    the pixel index (n,c), whether it exists (n,c), and the two source cells and the weight of the
+    second that ``F.interpolate(mode="bilinear", align_corners=False)`` uses for that pixel (n,c) each."""
+    count = last - first + 1  # (n,)
+    offset = torch.arange(int(count.max()), device=first.device)
+    pix = first[:, None] + offset[None]  # (n,c)
     valid = offset[None] < count[:, None]
     pix = pix.clamp(max=N - 1)
     src = ((pix.to(torch.float64) + 0.5) * n / N - 0.5).clamp_min(0)  # PyTorch's source coordinate
@@ -84,7 +97,8 @@ def _cell_axis(n: int, N: int, device=None) -> tuple[Tensor, Tensor, Tensor, Ten
     return pix, valid, lo, hi, (src - lo).float()
 
 
-def spread_within_cells(values: Tensor, where: Tensor, sim: Tensor | None, H: int, W: int) -> Tensor:
+def spread_within_cells(values: Tensor, where: Tensor, sim: Tensor | None, H: int, W: int,
+                        rf: ReceptiveField | None = None) -> Tensor:
     """Place values[b,j] on the input cell of feature location where[b,j] and sum over j → (B,1,H,W).
 
     Inside its cell a value is shared in proportion to the prototype's own similarity map s_j
@@ -92,12 +106,19 @@ def spread_within_cells(values: Tensor, where: Tensor, sim: Tensor | None, H: in
     ``sim`` is None or s_j ≤ 0 on the whole cell. Either way each value stays inside its cell and
     the map sums to Σ_j values[b,j]. Only the cell's pixels are interpolated (no (B,P,H,W) map).
 
+    With ``rf`` the window of feature location (r,c) is its receptive-field box (rf.py) instead of
+    its cell: the value is shared over the pixels that feature actually saw, still summing exactly.
+
     values, where (B,P) (flat locations on the (h,w) grid); sim (B,P,h,w)."""
     B, P = values.shape
     h, w = sim.shape[-2:]
     dev = values.device
-    py, vy, y0, y1, ly = _cell_axis(h, H, dev)  # (h,cy)
-    px, vx, x0, x1, lx = _cell_axis(w, W, dev)  # (w,cx)
+    if rf is None:
+        py, vy, y0, y1, ly = _cell_axis(h, H, dev)  # (h,cy)
+        px, vx, x0, x1, lx = _cell_axis(w, W, dev)  # (w,cx)
+    else:
+        py, vy, y0, y1, ly = _window_axis(*(t.to(dev) for t in rf_axis(h, H, rf)), h, H)
+        px, vx, x0, x1, lx = _window_axis(*(t.to(dev) for t in rf_axis(w, W, rf)), w, W)
     r, c = where // w, where % w  # (B,P)
     valid = (vy[r][..., :, None] & vx[c][..., None, :]).to(values.dtype)  # (B,P,cy,cx)
     flat_pix = (py[r][..., :, None] * W + px[c][..., None, :]).flatten(2)  # (B,P,cy·cx)

@@ -36,7 +36,8 @@ from zoo.schedule import Phase
 
 from .attribution import check_view, prototype_attribution
 from .losses import LOSS_WEIGHTS, cluster_separation, l1_wrong_class
-from .push import PushResult, find_duplicates, percentile_box, provenance_dicts, push_prototypes
+from .push import PushResult, duplicate_images, find_duplicates, percentile_box, provenance_dicts, push_prototypes
+from .rf import ReceptiveField, receptive_field, rf_boxes
 from .report import interpretability_rows
 from .similarity import SIMILARITIES, distances, similarity_from_distance
 
@@ -143,15 +144,17 @@ class PrototypeNetwork(SelfExplainingModule):
 
     # ------------------------------------------------------------------ explanation
     # evaluation: one more row per entry (the second view, and the exact map spread evenly in its cells)
-    explanation_variants = {"similarity": {"view": "similarity"}, "even": {"spread": "even"}}
+    explanation_variants = {"similarity": {"view": "similarity"}, "cell": {"spread": "similarity"},
+                            "even": {"spread": "even"}}
 
     def explain(self, x: Tensor, target: Tensor | int | None = None, view: str = "exact", top_k: int = 3,
-                maps: bool = True, spread: str = "similarity") -> Explanation:
+                maps: bool = True, spread: str = "receptive_field") -> Explanation:
         """This looks like that: per-prototype similarity maps, contributions, top-k prototypes.
 
         view: "exact" (attribution sums to the target logit) or "similarity" (Σ_j W[t,j]·upsampled s_j).
-        spread: how "exact" shares a contribution inside its input cell: "similarity" (by the
-            prototype's upsampled map) or "even". maps: fill ``prototype_maps`` (B,P,H,W); turn off
+        spread: where "exact" shares a contribution: "receptive_field" (over the feature's receptive
+            field, by the prototype's upsampled map), "similarity" (same, inside the stride cell) or
+            "even" (evenly in the cell). maps: fill ``prototype_maps`` (B,P,H,W); turn off
             for many prototypes at large sizes.
         """
         self.validate_input(x)
@@ -164,7 +167,7 @@ class PrototypeNetwork(SelfExplainingModule):
 
     @torch.no_grad()
     def _explanation(self, x: Tensor, target: Tensor, parts: dict[str, Tensor], view: str, top_k: int,
-                     maps: bool, logits: Tensor | None = None, spread: str = "similarity", **extra: Any) -> Explanation:
+                     maps: bool, logits: Tensor | None = None, spread: str = "receptive_field", **extra: Any) -> Explanation:
         H, W = x.shape[-2:]
         s, g, where = parts["s"], parts["g"], parts["where"]  # (B,P,h,w), (B,P), (B,P)
         B, P, h, w = s.shape
@@ -177,7 +180,7 @@ class PrototypeNetwork(SelfExplainingModule):
         loc = where.gather(1, top)  # (B,k) flat feature location of each
         extras = {"view": view, "spread": spread, "top_prototypes": top, "top_locations": torch.stack([loc // w, loc % w], -1),
                   "prototype_class": self.prototype_class, "grid": (h, w), "similarity": self.similarity_kind,
-                  "duplicates": self.duplicate_groups()}
+                  "duplicates": self.duplicate_groups(), "duplicate_images": self.duplicate_image_groups()}
         if maps:
             up = F.interpolate(s, size=(H, W), mode="bilinear", align_corners=False)  # (B,P,H,W)
             extras["top_boxes"] = percentile_box(up[torch.arange(B)[:, None], top].reshape(B * k, H, W)).view(B, k, 4)
@@ -193,17 +196,25 @@ class PrototypeNetwork(SelfExplainingModule):
 
     @torch.no_grad()
     def attribution_map(self, parts: dict[str, Tensor], target: Tensor, view: str, size: tuple[int, int],
-                        spread: str = "similarity") -> Tensor:
-        """(B,1,H,W) map of the target logit. "exact": W[t,j]·g_j placed at the cell where g_j is
-        attained, shared over the cell's pixels by s_j's upsampled map (spread="similarity") or
-        evenly (spread="even"); it sums to the logit. "similarity":
+                        spread: str = "receptive_field") -> Tensor:
+        """(B,1,H,W) map of the target logit. "exact" (sum-exact): W[t,j]·g_j shared over the
+        receptive field (default) or the stride cell of the location where g_j is attained, by s_j's
+        upsampled map, or evenly in the cell (spread="even"); it sums to the logit. "similarity":
         Σ_j W[t,j]·s_j bilinearly upsampled (smoother, not a decomposition)."""
         return prototype_attribution(parts["s"], parts["g"], parts["where"], self.last_layer.weight[target], view,
-                                     size, spread)
+                                     size, spread, rf=self.receptive_field())
+
+    def receptive_field(self) -> ReceptiveField:
+        """Receptive field of a feature cell (conv arithmetic over backbone then add-on; rf.py)."""
+        return receptive_field(self.backbone, self.add_on)  # a walk over the modules: microseconds
 
     def provenance(self) -> list[dict]:
+        """Per prototype: source index, feature location, distance, the 95th-percentile box of the
+        upsampled similarity (``box``, the paper's), the stride cell (``cell``) and the receptive
+        field box of that location (``rf_box``; unpushed prototypes get the box of location (0,0))."""
+        rf = rf_boxes(self.push_location.cpu(), self.receptive_field(), self.image_size)
         return provenance_dicts(self.push_index, self.push_location, self.push_distance, self.push_box,
-                                self.push_cell, self.prototype_class)
+                                self.push_cell, self.prototype_class, rf_box=rf)
 
     def duplicate_groups(self) -> list[list[int]]:
         found = self.push_index >= 0
@@ -211,6 +222,10 @@ class PrototypeNetwork(SelfExplainingModule):
             return []
         h_w = int(self.push_location.max()) + 1
         return find_duplicates(self.push_index, self.push_location[:, 0] * h_w + self.push_location[:, 1], found)
+
+    def duplicate_image_groups(self) -> list[list[int]]:
+        """Groups of prototypes of one class whose last push used the same source image."""
+        return duplicate_images(self.push_index, self.prototype_class, self.push_index >= 0)
 
     # ------------------------------------------------------------------ push
     @torch.no_grad()
@@ -223,7 +238,7 @@ class PrototypeNetwork(SelfExplainingModule):
             result = push_prototypes(
                 self.features, self.prototype_vectors(), self.prototype_class, dataset, self.distances,
                 self.similarity, image_size=self.image_size, batch_size=batch_size,
-                keep_images=self.push_images is not None, device=self.device, **kwargs)
+                keep_images=self.push_images is not None, rf=self.receptive_field(), device=self.device, **kwargs)
         finally:
             self.train(was_training)
         self.set_prototype_vectors(result.prototypes)
@@ -279,8 +294,9 @@ class PrototypeNetwork(SelfExplainingModule):
         if dm is None or not hasattr(dm, "dataset"):
             raise RuntimeError("push needs the trainer's datamodule (with .dataset('train'))")
         result = self.push(dm.dataset("train"), batch_size=self.hparams.get("push_batch_size", 256))
-        log.info("push at epoch %d: mean distance %.4f, %d duplicate group(s)", self.current_epoch,
-                 float(result.distance[result.index >= 0].mean()), len(result.duplicates))
+        log.info("push at epoch %d: mean distance %.4f, %d duplicate patch group(s), %d same-class image group(s)",
+                 self.current_epoch, float(result.distance[result.index >= 0].mean()), len(result.duplicates),
+                 len(result.duplicate_images))
         self._save_gallery(dm)
 
     def prototypes_moved_since_push(self, epochs_run: int) -> bool:

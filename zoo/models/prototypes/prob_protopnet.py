@@ -15,7 +15,9 @@ explain and a saved/loaded copy bit for bit) while still being an S-sample Monte
 so ``softmax(forward(x))`` is the predictive distribution. The explanation is a distribution too:
 per-sample similarities, contributions and top prototypes; ``Explanation.uncertainty`` reports
 predictive entropy, mutual information (epistemic part), the variance of the prototype
-similarities across samples and the disagreement on the top prototype. ``attribution`` is the mean
+similarities across samples, the per-prototype variance of the distances (mean over prototypes and
+of the modal top prototype: these rise off-distribution, the similarity variance falls) and the
+disagreement on the top prototype. ``attribution`` is the mean
 over samples of the exact per-sample maps (it sums to the mean sampled target logit, not to the
 log predictive probability); ``extras["sample_contributions"]`` (S,B,K,P) sum to
 ``extras["sample_logits"]`` (S,B,K) exactly.
@@ -49,6 +51,7 @@ class ProbProtoPNet(PrototypeNetwork):
         backbone: str = "zoo_cnn",
         widths: Sequence[int] = (32, 64),  # see ProtoPNet: 16×16 grid at 32 px
         pretrained: bool = False,
+        pretrained_file: str | None = None,  # local weights file (safetensors / state dict), see build_backbone
         prototype_dim: int = 64,
         prototypes_per_class: int = 10,
         similarity: str = "log_l2",
@@ -80,7 +83,8 @@ class ProbProtoPNet(PrototypeNetwork):
             raise ValueError(f"n_samples must be ≥ 2 to estimate uncertainty, got {n_samples}")
         if prior_std <= 0 or init_std <= 0:
             raise ValueError("prior_std and init_std must be > 0")
-        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained)
+        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained,
+                                       pretrained_file=pretrained_file)
         self.add_on = add_on_layers(self.backbone.out_channels, prototype_dim)
         self._build_head(prototype_dim, prototypes_per_class, similarity, incorrect_weight,
                          keep_push_images=keep_push_images)
@@ -137,7 +141,7 @@ class ProbProtoPNet(PrototypeNetwork):
 
     # ------------------------------------------------------------------ explanation
     def explain(self, x: Tensor, target: Tensor | int | None = None, view: str = "exact", top_k: int = 3,
-                maps: bool = True, spread: str = "similarity") -> Explanation:
+                maps: bool = True, spread: str = "receptive_field") -> Explanation:
         self.validate_input(x)
         check_view(view, spread)
         with torch.no_grad():
@@ -156,6 +160,12 @@ class ProbProtoPNet(PrototypeNetwork):
         agreement = (top_s == mode[None]).float().mean(0)  # (B,)
         uncertainty = predictive_uncertainty(sample_logits)
         uncertainty["similarity_variance"] = g_s.var(dim=0).mean(1)  # (B,) mean over prototypes
+        # Per-prototype variance of the distance d_j = min_hw ‖z_hw − p_j‖² over prototype samples: for
+        # p = μ + σε it grows with ‖z − μ‖ (≈ 4σ²‖z − μ‖²), so it rises off-distribution, where the
+        # similarity variance shrinks (log((d+1)/(d+ε)) flattens at large d).
+        d_s = torch.stack([p["d_min"] for p in samples])  # (S,B,P)
+        uncertainty["distance_variance"] = d_s.var(dim=0).mean(1)  # (B,) mean over prototypes
+        uncertainty["top_prototype_distance_variance"] = d_s.var(dim=0).gather(1, mode[:, None])[:, 0]
         uncertainty["top_prototype_disagreement"] = 1 - agreement
         with torch.no_grad():  # maps, top-k and boxes of the mean prototypes μ
             mean_parts = self._parts(self.features(x), self.prototypes)

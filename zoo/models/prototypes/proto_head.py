@@ -1,16 +1,20 @@
-"""A prototype head over a frozen backbone (ProtoFM-style: "Tell me why", a prototype head on a
-frozen foundation model).
+"""A ProtoFM head over a frozen backbone ("Tell me why", a prototype head on a frozen visual
+foundation model; REFERENCES.md §1).
 
 Only a light head is trained (≤ 1M parameters, checked in the tests): a 1×1-conv projection of the
-frozen backbone's patch tokens / feature map, cosine prototypes and the ProtoPNet last layer. The
-backbone is any timm model (``pretrained=True`` where a user has the weights) or the zoo CNN; since
-nothing can be downloaded here, ``backbone_checkpoint`` loads backbone weights from a zoo
-checkpoint folder (e.g. ``checkpoints/cnn-synthetic``, the black-box baseline's backbone) and falls
-back to a random backbone with a warning when the folder is absent (zoo.nets.backbones.load_pretrained).
+frozen backbone's patch tokens / feature map, cosine prototypes and the prototype→class layer. The
+backbone never trains in any phase. Objective (protofm_losses.py): CE + student–teacher prototype
+assignment + alignment of patches to their assigned prototypes + contrast between prototypes of
+different classes + L1 sparsity of the prototype→class layer.
+
+The backbone is named in the config, with no default checkpoint: any timm model (documented choice
+``backbone=vit_small_patch14_dinov2`` with ``pretrained=true`` online, or ``pretrained_file=`` offline)
+or the zoo CNN with ``backbone_checkpoint=<zoo folder / shipped name>`` (conf/experiment/proto_head_synthetic.yaml
+names ``cnn-synthetic``). A named checkpoint that is absent is an error, never a silent random backbone.
 
 Cosine similarities lie in [−1, 1], so the last layer starts at ``last_layer_scale``·(+1/−0.5)
-(a temperature folded into W: the contributions W·g still sum to the logits). Everything else —
-loss, push, explanation — is the family's (network.py).
+(a temperature folded into W: the contributions W·g still sum to the logits). Push (prototypes shown
+as their nearest training patches) and explanation are the family's (network.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from zoo.nets.backbones import build_backbone, load_pretrained
 from zoo.registry import register_model
 
 from .network import PrototypeNetwork
+from .protofm_losses import protofm_terms
 
 
 @register_model("proto_head")
@@ -39,15 +44,19 @@ class ProtoHead(PrototypeNetwork):
         backbone: str = "zoo_cnn",  # "zoo_cnn" or any timm name (e.g. vit_tiny_patch16_224, resnet18)
         widths: Sequence[int] = (32, 64, 128),  # zoo_cnn stages (must match backbone_checkpoint's)
         pretrained: bool = False,  # timm weights: only where a user has them locally
-        backbone_checkpoint: str | None = "cnn-synthetic",  # zoo folder/name whose `backbone.*` weights to load
+        pretrained_file: str | None = None,  # local weights file, see build_backbone (backbone_checkpoint wins)
+        backbone_checkpoint: str | None = None,  # zoo folder/name whose `backbone.*` weights to load; no silent default
         prototype_dim: int = 64,  # projection width of the head
         prototypes_per_class: int = 10,
         similarity: str = "cosine",  # ProtoFM: cosine over patch tokens / feature cells
         incorrect_weight: float = -0.5,
         last_layer_scale: float = 10.0,  # temperature for cosine similarities in [-1, 1]
-        clst_weight: float = 0.8,
-        sep_weight: float = 0.08,
-        l1_weight: float = 1e-4,
+        assign_weight: float = 1.0,  # ProtoFM terms, see protofm_losses.py (paper weights unpublished: unit)
+        align_weight: float = 1.0,
+        contrast_weight: float = 1.0,
+        sparsity_weight: float = 1e-4,  # L1 of W summed over all P·K entries, as ProtoPNet's l1 scale
+        student_temp: float = 0.1,  # assignment temperatures; the teacher's is sharper
+        teacher_temp: float = 0.04,
         backbone_lr: float = 0.0,  # unused: the backbone is frozen
         last_layer_lr: float = 3e-3,
         push_batch_size: int = 256,
@@ -61,9 +70,10 @@ class ProtoHead(PrototypeNetwork):
         **base,
     ) -> None:
         super().__init__(schedule=schedule, lr=lr, scheduler=scheduler, **base)
-        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained)
+        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained,
+                                       pretrained_file=pretrained_file)
         if backbone_checkpoint:
-            self._load_backbone(backbone_checkpoint)
+            self._load_backbone(backbone_checkpoint)  # absent → FileNotFoundError
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self._frozen_backbone()
@@ -81,7 +91,7 @@ class ProtoHead(PrototypeNetwork):
         self.backbone.eval()
 
     def _load_backbone(self, source: str) -> None:
-        load_pretrained(source, {"backbone": self.backbone}, self.model_name, missing="warn",
+        load_pretrained(source, {"backbone": self.backbone}, self.model_name,
                         mismatch=f"has backbone weights that do not fit backbone={self.hparams.backbone!r} "
                                  f"with in_channels={self.in_channels}")
 
@@ -96,6 +106,20 @@ class ProtoHead(PrototypeNetwork):
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         return parts
+
+    def loss(self, batch):
+        """CE + the ProtoFM terms (protofm_losses.py) on the projected patch tokens."""
+        hp = self.hparams
+        x, y = batch["image"], batch["label"]
+        self.validate_input(x)
+        z = self.features(x)
+        parts = self._parts(z)
+        ce = self.task_loss(parts["logits"], y)
+        terms = protofm_terms(z, self.prototypes, self.prototype_class, self.last_layer.weight,
+                              hp.student_temp, hp.teacher_temp)
+        w = self.loss_weight
+        loss = ce + sum(w(f"{k}_weight") * v for k, v in terms.items())
+        return loss, parts["logits"], {"ce": ce.detach(), **{k: v.detach() for k, v in terms.items()}}
 
     def head_parameters(self) -> int:
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("backbone."))

@@ -61,6 +61,7 @@ class ProtoPNet(PrototypeNetwork):
         # (experiment=protopnet_synthetic; Grad-CAM best layer 0.883 in the same run).
         widths: Sequence[int] = (32, 64),
         pretrained: bool = False,  # timm weights cannot be downloaded offline
+        pretrained_file: str | None = None,  # local weights file (safetensors / state dict), see build_backbone
         prototype_dim: int = 64,  # D: the paper uses 128 for ImageNet backbones; 64 suffices at 32 px
         prototypes_per_class: int = 10,  # paper: 10 per class (2000 for CUB's 200 classes)
         similarity: str = "log_l2",  # "log_l2" (paper) or "cosine"
@@ -81,7 +82,8 @@ class ProtoPNet(PrototypeNetwork):
         **base,
     ) -> None:
         super().__init__(schedule=schedule, lr=lr, scheduler=scheduler, **base)
-        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained)
+        self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained,
+                                       pretrained_file=pretrained_file)
         self.add_on = add_on_layers(self.backbone.out_channels, prototype_dim)
         self._build_head(prototype_dim, prototypes_per_class, similarity, incorrect_weight,
                          last_layer_scale=last_layer_scale, keep_push_images=keep_push_images)

@@ -133,6 +133,7 @@ class SumOfParts(SelfExplainingModule):
         widths: Sequence[int] = (32, 64, 128),
         backbone_kwargs: dict | None = None,  # extra timm kwargs, e.g. {img_size: 32, patch_size: 4} for a ViT
         pretrained: bool = False,  # timm weights (offline: leave False; use backbone_init instead)
+        pretrained_file: str | None = None,  # local weights file (safetensors / state dict), see build_backbone
         # M groups kept per image; each costs one backbone forward (paper: 20 at 224 px); 8 groups of ~100 px
         # cover the 3 objects of a 32 px image
         num_groups: int = 8,
@@ -177,7 +178,7 @@ class SumOfParts(SelfExplainingModule):
             raise ValueError(f"mask_fill must be 'mean' or a number, got {mask_fill!r}")
 
         self.backbone = build_backbone(backbone, self.in_channels, widths=widths, pretrained=pretrained,
-                                       timm_kwargs=backbone_kwargs)
+                                       timm_kwargs=backbone_kwargs, pretrained_file=pretrained_file)
         dim = self.backbone.out_channels
         self.head = nn.Linear(dim, self.num_classes)  # same names as the zoo's black boxes: weights transfer
 

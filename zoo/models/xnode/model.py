@@ -21,8 +21,11 @@ Explanation (kind "node-context"): the context vector, the explanation vector, t
 per-node R², context ablation (change in the explained class's probability when each standardised
 cue is set to its training mean, 0, for every node), the training-labelled neighbours, and offline
 text (text.py): template sentences each stating numbers that :func:`check_text` recomputes from the
-model and the graph. ``extras["edge_mask"]`` marks the edges from training neighbours labelled with the
-explained class (float32, for torch_geometric.explain metrics).
+model and the graph. Edges: ``extras["edge_gradient"]`` (E,) is the gradient of the explained logit(s)
+w.r.t. a multiplicative mask on every edge's message, at mask 1 (:meth:`GNN.edge_attribution`: PyG's
+own edge-mask hook, the one its fidelity metric removes edges with), and ``extras["edge_mask"]``
+(float32, for torch_geometric.explain metrics) marks the edges whose gradient is positive — the
+edges that raise the explained logit in the model's own computation.
 
 Inputs: a torch_geometric ``Data`` (x, edge_index, edge_weight, context, optional y_train,
 context_raw, images, class_names, train_mask) or the tensors ``forward(x, edge_index, edge_weight,
@@ -179,8 +182,26 @@ class GNN(SelfExplainingModule):
         return self.task_loss(logits, batch["label"]), logits, {}
 
     # ------------------------------------------------------------------ explanation
+    def edge_attribution(self, g: GraphInput, nodes: Tensor, target: Tensor) -> Tensor:
+        """(E,) d(sum of the explained logits ``logits[nodes, target]``)/d m_e at m = 1, where m (E,)
+        multiplies every edge's message in every layer — PyG's ``set_masks`` hook (GCN, GAT and GIN
+        alike; self-loops unmasked), the same hook PyG's fidelity uses to drop edges. Several explained
+        nodes share one mask (PyG's one edge mask per explanation): explain one node for its own."""
+        from torch_geometric.explain.algorithm.utils import clear_masks, set_masks
+
+        mask = torch.ones(g.edge_index.shape[1], device=g.x.device, dtype=g.x.dtype, requires_grad=True)
+        set_masks(self, mask, g.edge_index, apply_sigmoid=False)
+        try:
+            with torch.enable_grad():
+                logits = self.encode(g)["logits"]
+                (grad,) = torch.autograd.grad(logits[nodes].gather(1, target[:, None]).sum(), mask)
+        finally:
+            clear_masks(self)
+        return grad.detach()
+
     def explain(self, x, target: Tensor | int | None = None, nodes: Tensor | None = None) -> Explanation:
-        """Post-hoc gradient × input on the node features (the plain GNN has no own explanation)."""
+        """Post-hoc gradient × input on the node features (the plain GNN has no own explanation) and
+        the edge gradient (:meth:`edge_attribution`)."""
         g = GraphInput(x)
         self.validate_graph(g)
         nodes = _nodes(nodes, g.num_nodes, g.x.device)
@@ -191,9 +212,11 @@ class GNN(SelfExplainingModule):
         with torch.enable_grad():
             out = self.encode(GraphInput(feats, g.edge_index, g.edge_weight, g.context))["logits"]
             (grad,) = torch.autograd.grad(out[nodes].gather(1, target[:, None]).sum(), feats)
+        edge_grad = self.edge_attribution(g, nodes, target)
         return Explanation(logits=logits, target=target, kind="post-hoc",
                            extras={"nodes": nodes, "method": "gradient×input on node features",
-                                   "feature_attribution": (grad * feats).detach()[nodes]})
+                                   "feature_attribution": (grad * feats).detach()[nodes], "edge_gradient": edge_grad,
+                                   "edge_mask": (edge_grad > 0).float()})
 
 
 def _nodes(nodes, n: int, device) -> Tensor:
@@ -292,17 +315,16 @@ class XNode(GNN):
         ptr[1:] = torch.bincount(dst, minlength=g.num_nodes).cumsum(0)
         in_edges = [order[ptr[i]:ptr[i + 1]] for i in nodes.tolist()]
         neighbours = [src[e] for e in in_edges]
-        # Edge mask: edges from training neighbours labelled with the explained class (float32 for PyG).
-        edge_mask = torch.zeros(src.shape[0], dtype=torch.float32, device=g.x.device)
-        for e, t in zip(in_edges, target.tolist()):
-            edge_mask[e] = (y_train[src[e]] == t).float()
+        # Edge mask: the edges whose message raises the explained logit (the model's gradient; float32 for PyG).
+        edge_grad = self.edge_attribution(g, nodes, target)
         raw = g.extra.get("context_raw")
         texts = [describe(self, neighbours[b], int(t), probs[b], ablation[b], float(r2[b]), names, y_train,
                            None if raw is None else raw[int(i)], g.num_nodes)
                  for b, (i, t) in enumerate(zip(nodes.tolist(), target.tolist()))]
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
         extras = {"nodes": nodes, "context_names": self.context_names, "explanation_vector": out["e"][nodes],
-                  "reconstruction_r2": r2, "context_ablation": ablation, "edge_mask": edge_mask,
+                  "reconstruction_r2": r2, "context_ablation": ablation, "edge_gradient": edge_grad,
+                  "edge_mask": (edge_grad > 0).float(),
                   "neighbours": neighbours, "neighbour_train_labels": [y_train[nb] for nb in neighbours],
                   "class_names": list(names)}
         if raw is not None:

@@ -1,0 +1,151 @@
+"""One command for the leaderboard: train and evaluate every image family and the CNN baseline on the
+synthetic data and the shared MedMNIST subsets over 3 seeds; write ``docs/results.md`` and a CSV.
+
+Every job is ``python train.py model=<m> data=<d> seed=<s> ...`` (printed, and listed in the results
+with its exact command), run in its own folder ``<out>/<data>/<model>/seed<s>``; a job whose
+``metrics.yaml`` exists is skipped, so an interrupted leaderboard resumes where it stopped. Each job
+measures on the test split (``train(cfg)``: accuracy/AUROC on the whole split, explanation metrics on
+256 balanced test images; the CNN's Grad-CAM layer is chosen on val). Families run with
+``evaluate.compare_baseline=false``: the baseline is the ``cnn`` job of the same data and seed, trained by
+the same command with the same trainer budget. Columns: accuracy, AUROC, hit rate, deletion AUC (the
+headline is the worst of grey / blur / noise, then each substrate), insertion AUC (likewise, worst =
+lowest), stability, map IoU, and any family metric a job reports; mean ± std over seeds (std over the
+seeds that ran; n in the table).
+
+    python benchmarks/leaderboard.py            # everything (hours on a CPU)
+    python benchmarks/leaderboard.py --quick    # smoke: 1 seed, synthetic, tiny subsets, 1 short epoch
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ["cnn", "bagnet", "patchnet", "patch_additive", "protopnet", "prob_protopnet", "proto_head", "sop", "gdvae"]
+DATA = ["synthetic", "breastmnist", "pneumoniamnist", "retinamnist"]
+COLUMNS = ["acc", "auroc", "hit_rate", "energy_in_mask", "deletion_auc", "deletion_auc[grey]", "deletion_auc[blur]",
+           "deletion_auc[noise]", "insertion_auc", "insertion_auc[grey]", "insertion_auc[blur]",
+           "insertion_auc[noise]", "stability", "map_iou", "argmax_shift"]
+QUICK = ["trainer=fast", "data.n_train=128", "data.n_val=64", "data.n_test=64", "evaluate.n_images=32",
+         "evaluate.steps=8"]
+
+
+def command(model: str, data: str, seed: int, out: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "train.py", f"model={model}", f"data={data}", f"seed={seed}", "logger=none",
+            "evaluate.compare_baseline=false", f"hydra.run.dir={out}", *extra]
+
+
+def plain_row(name: str) -> str:
+    """A row name without the Grad-CAM layer, which can differ between seeds."""
+    name = re.sub(r"grad-cam best\[[^\]]*\]", "grad-cam best", name)
+    return re.sub(r"grad-cam\[[^\]]*\]", "grad-cam last", name)
+
+
+def job_rows(metrics: dict) -> dict[str, dict[str, float]]:
+    """metrics.yaml ("row/metric": value) -> rows; accuracy/AUROC copied onto the job's other rows."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if "/" not in key or not isinstance(value, (int, float)):
+            continue
+        row, metric = key.rsplit("/", 1)
+        if metric.startswith("test") or metric.startswith("val"):
+            continue
+        rows.setdefault(plain_row(row), {})[metric] = float(value)
+    cls = next((r for r in rows.values() if "acc" in r), {})
+    return {name: {**{k: cls[k] for k in ("acc", "auroc") if k in cls}, **r} for name, r in rows.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, synthetic only, tiny subsets, 1 short epoch")
+    ap.add_argument("--out", type=Path, default=None, help="job folders (default logs/leaderboard[-quick])")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="markdown (default docs/results.md; --quick: <out>/results.md)")
+    ap.add_argument("--models", nargs="+", default=FAMILIES)
+    ap.add_argument("--data", nargs="+", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    args = ap.parse_args()
+    tag = "-quick" if args.quick else ""
+    out = args.out or ROOT / "logs" / f"leaderboard{tag}"
+    md = args.results or (out / "results.md" if args.quick else ROOT / "docs" / "results.md")  # smoke: not in docs
+    data = args.data or (["synthetic"] if args.quick else DATA)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    extra = QUICK if args.quick else []
+
+    cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+    commands: list[str] = []
+    failed: list[str] = []
+    for d in data:
+        for m in args.models:
+            for s in seeds:
+                folder = out / d / m / f"seed{s}"
+                cmd = command(m, d, s, folder, extra)
+                shown = "python " + shlex.join(cmd[1:])
+                commands.append(shown)
+                if not (folder / "metrics.yaml").exists():
+                    print(f"$ {shown}", flush=True)
+                    started = time.perf_counter()
+                    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                    print(f"  {'ok' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - started:.0f} s",
+                          flush=True)
+                    if proc.returncode != 0:
+                        folder.mkdir(parents=True, exist_ok=True)
+                        (folder / "error.log").write_text(proc.stdout + proc.stderr)
+                        failed.append(f"{shown}  (log: {folder / 'error.log'})")
+                        continue
+                else:
+                    print(f"skip (done): {shown}")
+                metrics = yaml.safe_load((folder / "metrics.yaml").read_text())
+                for row, values in job_rows(metrics).items():
+                    cells.setdefault((d, m, row), []).append(values)
+
+    columns = [c for c in COLUMNS if any(c in v for vs in cells.values() for v in vs)]
+    columns += sorted({k for vs in cells.values() for v in vs for k in v} - set(columns))
+
+    def stat(values: list[dict[str, float]], c: str) -> tuple[str, float | None, float | None]:
+        xs = [v[c] for v in values if c in v]
+        if not xs:
+            return "-", None, None
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return f"{statistics.fmean(xs):.3f} ± {sd:.3f}", statistics.fmean(xs), sd
+
+    md.parent.mkdir(parents=True, exist_ok=True)
+    with md.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["data", "model", "row", "n_seeds", *(x for c in columns for x in (f"{c}_mean", f"{c}_std"))])
+        for (d, m, row), values in cells.items():
+            w.writerow([d, m, row, len(values), *(x if x is not None else "" for c in columns
+                                                  for x in stat(values, c)[1:])])
+    lines = ["# Leaderboard" + (" (--quick smoke run: not a result)" if args.quick else ""), "",
+             f"Generated by `python benchmarks/leaderboard.py{' --quick' if args.quick else ''}` "
+             f"({time.strftime('%Y-%m-%d')}). Test split; the Grad-CAM layer is chosen on val. deletion_auc = "
+             "the worst (highest) of the grey / blur / noise substrates, insertion_auc = the worst (lowest); "
+             "equal-score pixels switch together. Mean ± std over seeds " + ", ".join(map(str, seeds)) + ".", ""]
+    for d in data:
+        lines += [f"## {d}", "", "| model | row | n | " + " | ".join(columns) + " |",
+                  "|" + "---|" * (len(columns) + 3)]
+        for (dd, m, row), values in cells.items():
+            if dd == d:
+                cells_md = " | ".join(stat(values, c)[0] for c in columns)
+                lines.append(f"| {m} | {row} | {len(values)} | {cells_md} |")
+        lines.append("")
+    lines += ["## Commands", "", "Run from the repository root; each writes its folder's metrics.yaml.", "", "```",
+              *commands, "```", ""]
+    if failed:
+        lines += ["## Failed jobs", "", *(f"- `{x}`" for x in failed), ""]
+    md.write_text("\n".join(lines))
+    print(f"wrote {md} and {md.with_suffix('.csv')}" + (f"; {len(failed)} job(s) failed" if failed else ""))
+
+
+if __name__ == "__main__":
+    main()
