@@ -9,8 +9,8 @@ Every step is leak-free: only *training* labels are ever read before evaluation.
    hands over with :meth:`GraphDataModule.attach_encoder` (``zoo.training.prepare_graph``) when the
    cache does not hold the graph. This module never trains. Node features = pooled backbone features.
    **Cross-fitting** (``folds`` K ≥ 2, :func:`fold_assignment`): every node — training, val and
-   test — falls into one of K folds (a seeded shuffle within each split, reading no label); encoder f is fitted on the training nodes *outside* fold f and embeds
-   every node of fold f. So each node's features, saliency and encoder prediction (hence label
+   test — falls into one of K folds (a seeded shuffle within each split, reading no label); encoder f
+   is fitted on the training nodes *outside* fold f and embeds every node of fold f. So each node's features, saliency and encoder prediction (hence label
    agreement) come from an encoder that never saw it, and training and test cues are draws from one
    distribution (one encoder fitted on every training node scores 0.994 on them vs 0.872 on test:
    cues that mean different things on training and test nodes; embedding val/test with an all-data
@@ -212,11 +212,11 @@ def build_graph(images: Tensor, labels: Tensor, split: Tensor, encoders: list[nn
                          "were given")
     timings = {}
     t0 = time.perf_counter()
-    outputs = [encoder_outputs(enc, images[fold == f]) for f, enc in enumerate(encoders)]
+    rows = [fold == f for f in range(len(encoders))]
+    outputs = [encoder_outputs(enc, images[r]) for enc, r in zip(encoders, rows)]  # (n_f,D), (n_f,), (n_f,K)
     features, saliency, enc_logits = (torch.empty(images.shape[0], *outputs[0][j].shape[1:]) for j in range(3))
-    for f, (feat, sal, logit) in enumerate(outputs):  # (n_f,D), (n_f,), (n_f,K) back in node order
-        rows = fold == f
-        features[rows], saliency[rows], enc_logits[rows] = feat, sal, logit
+    for r, (feat, sal, logit) in zip(rows, outputs):  # back in node order
+        features[r], saliency[r], enc_logits[r] = feat, sal, logit
     timings["embedding"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # Neighbours in the train-standardised feature space: raw pooled ReLU features all share one

@@ -182,6 +182,12 @@ class GNN(SelfExplainingModule):
         return self.task_loss(logits, batch["label"]), logits, {}
 
     # ------------------------------------------------------------------ explanation
+    def edge_extras(self, g: GraphInput, nodes: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Both families' edge explanation: ``edge_gradient`` (:meth:`edge_attribution`) and
+        ``edge_mask`` (float32 for PyG): the edges whose message raises the explained logit."""
+        grad = self.edge_attribution(g, nodes, target)
+        return {"edge_gradient": grad, "edge_mask": (grad > 0).float()}
+
     def edge_attribution(self, g: GraphInput, nodes: Tensor, target: Tensor) -> Tensor:
         """(E,) d(sum of the explained logits ``logits[nodes, target]``)/d m_e at m = 1, where m (E,)
         multiplies every edge's message in every layer — PyG's ``set_masks`` hook (GCN, GAT and GIN
@@ -212,11 +218,10 @@ class GNN(SelfExplainingModule):
         with torch.enable_grad():
             out = self.encode(GraphInput(feats, g.edge_index, g.edge_weight, g.context))["logits"]
             (grad,) = torch.autograd.grad(out[nodes].gather(1, target[:, None]).sum(), feats)
-        edge_grad = self.edge_attribution(g, nodes, target)
         return Explanation(logits=logits, target=target, kind="post-hoc",
                            extras={"nodes": nodes, "method": "gradient×input on node features",
-                                   "feature_attribution": (grad * feats).detach()[nodes], "edge_gradient": edge_grad,
-                                   "edge_mask": (edge_grad > 0).float()})
+                                   "feature_attribution": (grad * feats).detach()[nodes],
+                                   **self.edge_extras(g, nodes, target)})
 
 
 def _nodes(nodes, n: int, device) -> Tensor:
@@ -315,16 +320,13 @@ class XNode(GNN):
         ptr[1:] = torch.bincount(dst, minlength=g.num_nodes).cumsum(0)
         in_edges = [order[ptr[i]:ptr[i + 1]] for i in nodes.tolist()]
         neighbours = [src[e] for e in in_edges]
-        # Edge mask: the edges whose message raises the explained logit (the model's gradient; float32 for PyG).
-        edge_grad = self.edge_attribution(g, nodes, target)
         raw = g.extra.get("context_raw")
         texts = [describe(self, neighbours[b], int(t), probs[b], ablation[b], float(r2[b]), names, y_train,
                            None if raw is None else raw[int(i)], g.num_nodes)
                  for b, (i, t) in enumerate(zip(nodes.tolist(), target.tolist()))]
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
         extras = {"nodes": nodes, "context_names": self.context_names, "explanation_vector": out["e"][nodes],
-                  "reconstruction_r2": r2, "context_ablation": ablation, "edge_gradient": edge_grad,
-                  "edge_mask": (edge_grad > 0).float(),
+                  "reconstruction_r2": r2, "context_ablation": ablation, **self.edge_extras(g, nodes, target),
                   "neighbours": neighbours, "neighbour_train_labels": [y_train[nb] for nb in neighbours],
                   "class_names": list(names)}
         if raw is not None:
