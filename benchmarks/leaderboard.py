@@ -21,17 +21,20 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import os
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ["cnn", "bagnet", "patchnet", "patch_additive", "protopnet", "prob_protopnet", "proto_head", "sop", "gdvae"]
+# Run family by family (over data and seeds), the CNN baseline first and the prototype families last.
+FAMILIES = ["cnn", "bagnet", "patchnet", "patch_additive", "sop", "gdvae", "protopnet", "prob_protopnet", "proto_head"]
 DATA = ["synthetic", "breastmnist", "pneumoniamnist", "retinamnist"]
 COLUMNS = ["acc", "auroc", "hit_rate", "energy_in_mask", "deletion_auc", "deletion_auc[grey]", "deletion_auc[blur]",
            "deletion_auc[noise]", "insertion_auc", "insertion_auc[grey]", "insertion_auc[blur]",
@@ -65,6 +68,35 @@ def job_rows(metrics: dict) -> dict[str, dict[str, float]]:
     return {name: {**{k: cls[k] for k in ("acc", "auroc") if k in cls}, **r} for name, r in rows.items()}
 
 
+def run_job(job: tuple[str, str, int], out: Path, extra: list[str], shown: str) -> str | None:
+    """Run one train.py job unless its metrics.yaml exists; the failure line, or None."""
+    d, m, s = job
+    folder = out / d / m / f"seed{s}"
+    if (folder / "metrics.yaml").exists():
+        print(f"skip (done): {shown}", flush=True)
+        return None
+    print(f"$ {shown}", flush=True)
+    started = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # one core per job
+    proc = subprocess.run(command(m, d, s, folder, extra), cwd=ROOT, capture_output=True, text=True, env=env)
+    print(f"  {'ok' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - started:.0f} s: {d} {m} seed {s}",
+          flush=True)
+    if proc.returncode == 0:
+        (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": round(time.perf_counter() - started),
+                                                          "commit": git_commit()}))
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.log").write_text(proc.stdout + proc.stderr)
+    return f"{shown}  (log: {folder / 'error.log'})"
+
+
+def git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "zoo", "conf", "train.py"],
+                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, synthetic only, tiny subsets, 1 short epoch")
@@ -74,6 +106,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=FAMILIES)
     ap.add_argument("--data", nargs="+", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="jobs run at once (each on one thread)")
     args = ap.parse_args()
     tag = "-quick" if args.quick else ""
     out = args.out or ROOT / "logs" / f"leaderboard{tag}"
@@ -82,32 +115,23 @@ def main() -> None:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     extra = QUICK if args.quick else []
 
+    jobs = [(d, m, s) for m in args.models for d in data for s in seeds]  # family-major: see FAMILIES
+    commands = {(d, m, s): "python " + shlex.join(command(m, d, s, out / d / m / f"seed{s}", extra)[1:])
+                for d, m, s in jobs}
+    started_all = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on subprocesses
+        failed = [f for f in pool.map(lambda job: run_job(job, out, extra, commands[job]), jobs) if f]
+    wall = time.perf_counter() - started_all
     cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
-    commands: list[str] = []
-    failed: list[str] = []
-    for d in data:
-        for m in args.models:
-            for s in seeds:
-                folder = out / d / m / f"seed{s}"
-                cmd = command(m, d, s, folder, extra)
-                shown = "python " + shlex.join(cmd[1:])
-                commands.append(shown)
-                if not (folder / "metrics.yaml").exists():
-                    print(f"$ {shown}", flush=True)
-                    started = time.perf_counter()
-                    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                    print(f"  {'ok' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - started:.0f} s",
-                          flush=True)
-                    if proc.returncode != 0:
-                        folder.mkdir(parents=True, exist_ok=True)
-                        (folder / "error.log").write_text(proc.stdout + proc.stderr)
-                        failed.append(f"{shown}  (log: {folder / 'error.log'})")
-                        continue
-                else:
-                    print(f"skip (done): {shown}")
-                metrics = yaml.safe_load((folder / "metrics.yaml").read_text())
-                for row, values in job_rows(metrics).items():
-                    cells.setdefault((d, m, row), []).append(values)
+    job_commits: set[str] = set()
+    order = {name: i for i, name in enumerate([*DATA, *FAMILIES])}
+    for d, m, s in sorted(jobs, key=lambda j: (order.get(j[0], len(order)), order.get(j[1], len(order)), j[2])):
+        path = out / d / m / f"seed{s}" / "metrics.yaml"
+        if path.exists():
+            job_commits.add(yaml.safe_load((path.parent / "job.yaml").read_text())["commit"]
+                            if (path.parent / "job.yaml").exists() else "unknown")
+            for row, values in job_rows(yaml.safe_load(path.read_text())).items():
+                cells.setdefault((d, m, row), []).append(values)
 
     columns = [c for c in COLUMNS if any(c in v for vs in cells.values() for v in vs)]
     columns += sorted({k for vs in cells.values() for v in vs for k in v} - set(columns))
@@ -130,17 +154,25 @@ def main() -> None:
              f"Generated by `python benchmarks/leaderboard.py{' --quick' if args.quick else ''}` "
              f"({time.strftime('%Y-%m-%d')}). Test split; the Grad-CAM layer is chosen on val. deletion_auc = "
              "the worst (highest) of the grey / blur / noise substrates, insertion_auc = the worst (lowest); "
-             "equal-score pixels switch together. Mean ± std over seeds " + ", ".join(map(str, seeds)) + ".", ""]
+             "equal-score pixels switch together. Mean ± std over seeds " + ", ".join(map(str, seeds)) + ". "
+             f"Code: commit(s) {', '.join(sorted(job_commits))}. Wall time of this invocation: {wall:.0f} s with {args.jobs} job(s) at "
+             "once on one thread each (jobs already done were skipped; each job's wall time and commit are in its "
+             "folder's job.yaml).", ""]
+    main = [c for c in COLUMNS if c in columns]  # one wide table per data set; family metrics listed below it
     for d in data:
-        lines += [f"## {d}", "", "| model | row | n | " + " | ".join(columns) + " |",
-                  "|" + "---|" * (len(columns) + 3)]
+        lines += [f"## {d}", "", "| model | row | n | " + " | ".join(main) + " |", "|" + "---|" * (len(main) + 3)]
+        family: list[str] = []
         for (dd, m, row), values in cells.items():
             if dd == d:
-                cells_md = " | ".join(stat(values, c)[0] for c in columns)
-                lines.append(f"| {m} | {row} | {len(values)} | {cells_md} |")
+                lines.append(f"| {m} | {row} | {len(values)} | " + " | ".join(stat(values, c)[0] for c in main) + " |")
+                family += [f"| {m} | {row} | {c} | {stat(values, c)[0]} |" for c in columns
+                           if c not in main and stat(values, c)[1] is not None]
+        if family:
+            lines += ["", f"Family metrics ({d}):", "", "| model | row | metric | mean ± std |", "|---|---|---|---|",
+                      *family]
         lines.append("")
     lines += ["## Commands", "", "Run from the repository root; each writes its folder's metrics.yaml.", "", "```",
-              *commands, "```", ""]
+              *commands.values(), "```", ""]
     if failed:
         lines += ["## Failed jobs", "", *(f"- `{x}`" for x in failed), ""]
     md.write_text("\n".join(lines))

@@ -7,6 +7,7 @@ Used by ``train(cfg)`` at the end of a run and by ``evaluate.py`` on a saved mod
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -150,10 +151,31 @@ def best_gradcam_layer(model, select: dict[str, Tensor], layers: list[str]) -> s
     return max(layers, key=lambda l: (scores[l], l == layers[-1]))
 
 
+@contextmanager
+def channels_last(*models):
+    """Models' 4-D weights in channels_last for the duration (restored after). Why: the metric pass
+    is ~150 forwards per image; oneDNN's CPU convolutions run ~1.6x faster with channels_last weights
+    (the inputs follow the weights; a 1-channel input is the same in both layouts). Values agree up
+    to float rounding."""
+    models = [m for m in models if m is not None]
+    for m in models:
+        m.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in models:
+            m.to(memory_format=torch.contiguous_format)
+
+
 def explanation_report(model, datamodule, n_images: int = 256, steps: int = 24,
                        baseline=None, posthoc: bool = True) -> dict[str, dict[str, float]]:
     """Rows of metrics: the model's own explanation, plus post-hoc rows for `baseline` (or for the
     model itself when it is a black box)."""
+    with channels_last(model, baseline):
+        return _explanation_report(model, datamodule, n_images, steps, baseline, posthoc)
+
+
+def _explanation_report(model, datamodule, n_images, steps, baseline, posthoc) -> dict[str, dict[str, float]]:
     model.eval()
     batch = take_images(datamodule, "test", n_images, balanced=True)
     rows: dict[str, dict[str, float]] = {}
