@@ -14,6 +14,8 @@ seeds that ran; n in the table).
 
     python benchmarks/leaderboard.py            # everything (hours on a CPU)
     python benchmarks/leaderboard.py --quick    # smoke: 1 seed, synthetic, tiny subsets, 1 short epoch
+    python benchmarks/leaderboard.py --jobs 2   # two jobs at once (one thread each)
+    python benchmarks/leaderboard.py --report-only   # tables from the jobs done so far (marked incomplete)
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run family by family (over data and seeds), the CNN baseline first and the prototype families last.
-FAMILIES = ["cnn", "bagnet", "patchnet", "patch_additive", "sop", "gdvae", "protopnet", "prob_protopnet", "proto_head"]
+FAMILIES = ["cnn", "bagnet", "patchnet", "patch_additive", "protopnet", "prob_protopnet", "proto_head", "sop", "gdvae"]
 DATA = ["synthetic", "breastmnist", "pneumoniamnist", "retinamnist"]
 COLUMNS = ["acc", "auroc", "hit_rate", "energy_in_mask", "deletion_auc", "deletion_auc[grey]", "deletion_auc[blur]",
            "deletion_auc[noise]", "insertion_auc", "insertion_auc[grey]", "insertion_auc[blur]",
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--jobs", type=int, default=1, help="jobs run at once (each on one thread)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the results of the jobs already done (the rest listed as not run)")
     args = ap.parse_args()
     tag = "-quick" if args.quick else ""
     out = args.out or ROOT / "logs" / f"leaderboard{tag}"
@@ -115,12 +118,15 @@ def main() -> None:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     extra = QUICK if args.quick else []
 
-    jobs = [(d, m, s) for m in args.models for d in data for s in seeds]  # family-major: see FAMILIES
+    jobs = [(d, m, s) for d in data for m in args.models for s in seeds]  # synthetic (first in DATA) first
     commands = {(d, m, s): "python " + shlex.join(command(m, d, s, out / d / m / f"seed{s}", extra)[1:])
                 for d, m, s in jobs}
     started_all = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on subprocesses
-        failed = [f for f in pool.map(lambda job: run_job(job, out, extra, commands[job]), jobs) if f]
+    failed: list[str] = []
+    if not args.report_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on subprocesses
+            failed = [f for f in pool.map(lambda job: run_job(job, out, extra, commands[job]), jobs) if f]
+    missing = [commands[j] for j in jobs if not (out / j[0] / j[1] / f"seed{j[2]}" / "metrics.yaml").exists()]
     wall = time.perf_counter() - started_all
     cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     job_commits: set[str] = set()
@@ -175,6 +181,10 @@ def main() -> None:
               *commands.values(), "```", ""]
     if failed:
         lines += ["## Failed jobs", "", *(f"- `{x}`" for x in failed), ""]
+    if missing:
+        lines[0] += f" — INCOMPLETE: {len(missing)} of {len(jobs)} jobs not run yet"
+        lines += ["## Jobs not run yet", "", "Rerun the same command: it skips the jobs already done.", "",
+                  *(f"- `{x}`" for x in missing), ""]
     md.write_text("\n".join(lines))
     print(f"wrote {md} and {md.with_suffix('.csv')}" + (f"; {len(failed)} job(s) failed" if failed else ""))
 

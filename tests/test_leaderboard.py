@@ -1,0 +1,42 @@
+"""benchmarks/leaderboard.py: tables from job folders (mean ± std over seeds, incomplete runs marked)
+without running any training (``--report-only``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(out: Path, seed: int, acc: float, deletion: float) -> None:
+    folder = out / "synthetic" / "cnn" / f"seed{seed}"
+    folder.mkdir(parents=True)
+    metrics = {"cnn/acc": acc, "cnn/auroc": 1.0, "cnn/test/loss": 0.1,
+               "cnn grad-cam best[backbone.features.17]/deletion_auc": deletion,
+               "cnn grad-cam best[backbone.features.17]/deletion_auc[grey]": deletion}
+    (folder / "metrics.yaml").write_text(yaml.safe_dump(metrics))
+    (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": 10, "commit": "abc1234"}))
+
+
+def test_report_only_averages_seeds_and_lists_jobs_not_run(tmp_path):
+    out = tmp_path / "jobs"
+    _job(out, 0, 0.90, 0.20)
+    _job(out, 1, 0.80, 0.30)
+    md = tmp_path / "results.md"
+    proc = subprocess.run([sys.executable, "benchmarks/leaderboard.py", "--report-only", "--models", "cnn",
+                           "--data", "synthetic", "--seeds", "0", "1", "2", "--out", str(out), "--results", str(md)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = md.read_text()
+    assert "INCOMPLETE: 1 of 3 jobs not run yet" in text and "seed2" in text.split("## Jobs not run yet")[1]
+    # the layer name differs between seeds, so rows are merged as "grad-cam best"; acc copied onto each row
+    row = next(line for line in text.splitlines() if line.startswith("| cnn | cnn grad-cam best |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "2" and cells[3] == "0.850 ± 0.071"  # n seeds, acc mean ± sample std
+    assert "0.250 ± 0.071" in cells and "commit(s) abc1234" in text
+    csv_head = md.with_suffix(".csv").read_text().splitlines()[0].split(",")
+    assert csv_head[:4] == ["data", "model", "row", "n_seeds"] and "deletion_auc_mean" in csv_head
