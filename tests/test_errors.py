@@ -128,6 +128,9 @@ def test_evaluate_writes_its_table(tmp_path):
     assert saved["source"] == "cnn-synthetic" and 0.5 < saved["rows"]["cnn"]["acc"] <= 1.0
     header = (tmp_path / "run" / "results.csv").read_text().splitlines()[0]
     assert header == "row,acc,auroc"
+    page = (tmp_path / "run" / "report" / "index.html").read_text()  # the same report a training run writes
+    assert "cnn-synthetic on synthetic" in page and "<table" in page and "data:image/png;base64," in page
+    assert "Model card" in page and (tmp_path / "run" / "figures" / "test.png").stat().st_size > 5000
 
 
 def test_inputs_outside_the_normalised_range_are_refused():

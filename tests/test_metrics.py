@@ -317,6 +317,9 @@ def test_gradcam_layers_equals_captum_gradcam_at_every_layer():
     maps = gradcam_layers(model, x, t, layers)
     for layer in layers:
         assert torch.allclose(maps[layer], gradcam(model, x, t, layer), rtol=1e-5, atol=1e-9)
+    model.requires_grad_(False)  # a frozen model (SOP's backbone after its sop phase) is screened the same
+    frozen = gradcam_layers(model, x, t, layers)
+    assert all(torch.equal(frozen[layer], maps[layer]) for layer in layers)
 
 
 # --------------------------------------------------------------------------- stability

@@ -174,16 +174,22 @@ def test_pickled_objects_are_refused(tmp_path):
         build_backbone("zoo_cnn", 1, pretrained_file=path)
 
 
-def test_zoo_load_reloads_a_model_trained_from_a_file(tmp_path):
-    """A model built from pretrained_file saves and reloads with identical logits (the affine is rebuilt)."""
+@pytest.mark.parametrize("family, backbone", [("timm", TIMM), ("cnn", "zoo_cnn")])
+def test_zoo_load_reloads_a_model_trained_from_a_file(family, backbone, tmp_path):
+    """A model built from pretrained_file saves and reloads with identical logits (the affine is rebuilt)
+    — also once the file is gone: zoo.load takes every weight from the saved folder and never re-reads it."""
     import zoo
 
-    path, _ = random_file(TIMM, tmp_path, ".safetensors")
-    model = create_model("timm", **TINY, backbone=TIMM, pretrained_file=str(path)).eval()
+    path, _ = random_file(backbone, tmp_path, ".safetensors")
+    chosen = {"backbone": backbone} if family == "timm" else {}  # cnn: always the zoo CNN
+    model = create_model(family, **TINY, **chosen, pretrained_file=str(path)).eval()
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     zoo.save(model, tmp_path / "saved")
+    path.unlink()
     with torch.no_grad():
         assert torch.equal(zoo.load(tmp_path / "saved").compute_logits(x), model.compute_logits(x))
+    with pytest.raises(FileNotFoundError, match="no such file"):  # building anew still needs the file
+        create_model(family, **TINY, **chosen, pretrained_file=str(path))
 
 
 # --- paper-setting experiment configs: compose, instantiate, one CPU step -------------------------------

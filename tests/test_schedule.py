@@ -106,3 +106,20 @@ def test_evaluate_py_errors_like_train_py(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(tmp_path / "nowhere" / "breastmnist.npz") in errors[0]
+
+
+@pytest.mark.parametrize("model, expected", [("cnn", 6), ("protopnet", 8), ("gdvae", 6)])
+def test_default_epochs_run_the_whole_schedule(model, expected, tmp_path):
+    """trainer.max_epochs=null (the default) → 6 epochs, extended to a longer schedule (ProtoPNet's 8:
+    a fixed 6 stopped it after the push, before the last layer was refit); an explicit value wins; the
+    run's black-box baseline gets the same budget."""
+    import zoo
+    from zoo.training import build_trainer, max_epochs
+
+    cfg = compose([f"model={model}"], tmp_path / "run")
+    assert cfg.trainer.max_epochs is None
+    built = zoo.create_model(model, num_classes=4, in_channels=1, image_size=32)
+    assert max_epochs(cfg, built) == expected
+    assert build_trainer(cfg, tmp_path / "run", with_callbacks=False, epochs=expected).max_epochs == expected
+    assert max_epochs(compose([f"model={model}", "trainer.max_epochs=3"], tmp_path / "run"), built) == 3
+    assert max_epochs(compose([f"model={model}", "trainer=fast"], tmp_path / "run"), built) == 1

@@ -16,6 +16,7 @@ import torchmetrics
 from torch import Tensor
 
 from zoo import metrics as M
+from zoo.report_html import table_columns, write_report
 from zoo.nets.backbones import conv_layer_names
 from zoo.nets.posthoc import gradcam, gradcam_layers, integrated_gradients
 
@@ -208,17 +209,6 @@ def format_table(title: str, rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def table_columns(rows: dict[str, dict[str, float]]) -> list[str]:
-    """The table's columns (text table and HTML report): known ones first, in _ORDER; the rest in the
-    order rows first use them (a set would order them by string hash, which differs between runs)."""
-    return sorted(dict.fromkeys(c for r in rows.values() for c in r), key=lambda c: _ORDER.get(c, len(_ORDER)))
-
-
-_ORDER = {c: i for i, c in enumerate(
-    ["acc", "auroc", "hit_rate", "energy_in_mask", "deletion_auc", "insertion_auc", "stability", "map_iou",
-     *(f"{m}_auc[{s}]" for m in ("deletion", "insertion") for s in M.SUBSTRATES)])}
-
-
 def evaluate(cfg) -> dict[str, dict[str, float]]:
     """Body of evaluate.py: load a model (and optional baseline), print and return the table."""
     import lightning as L
@@ -236,11 +226,37 @@ def evaluate(cfg) -> dict[str, dict[str, float]]:
     if model.task == "multiclass" and cfg.get("explanations", True):
         rows.update(explanation_report(model, datamodule, cfg.n_images, cfg.steps, baseline=baseline))
     table = format_table(f"{cfg.model_path} on {datamodule.name} (test split)", rows)
-    written = write_results(rows, Path(cfg.paths.output_dir), source=str(cfg.model_path),
-                            data=datamodule.name)
-    report(f"{table}\nresults written to {written[0]} and {written[1].name}"
+    out = Path(cfg.paths.output_dir)
+    written = write_results(rows, out, source=str(cfg.model_path), data=datamodule.name)
+    page = _html_report(model, datamodule, rows, out, f"{cfg.model_path} on {datamodule.name}", cfg.model_path)
+    report(f"{table}\nresults written to {written[0]} and {written[1].name}; report {page}"
            + ("" if not cfg.get("explanations", True) else " (explanations=false: accuracy/AUROC only, fast)"))
     return rows
+
+
+def _html_report(model, datamodule, rows, out: Path, title: str, source) -> Path:
+    """``<out>/report/index.html`` as a training run writes it: the table, the model's explanation figure
+    of the first 8 test images (image models) and the saved model's card when it has one."""
+    import matplotlib.pyplot as plt
+
+    from zoo import hub
+    from zoo.viz import plot_explanation, save_figure
+
+    figures = []
+    if model.input_kind == "image":
+        batch = take_images(datamodule, "test", 8)
+        target = batch["label"] if batch["label"].ndim == 1 else None
+        expl = model.explain(batch["image"].to(model.device), None if target is None else target.to(model.device))
+        fig = plot_explanation(expl.detach(), class_names=model.class_names or datamodule.class_names,
+                               masks=batch.get("mask"), labels=target, max_items=8)
+        figures.append(save_figure(fig, out / "figures" / "test.png"))
+        plt.close(fig)
+    try:
+        card_file = hub._resolve(source) / hub.CARD
+    except FileNotFoundError:
+        card_file = None
+    card = card_file.read_text() if card_file is not None and card_file.is_file() else None
+    return write_report(out, rows, title, figures=figures, card=card)
 
 
 def write_results(rows: dict[str, dict[str, float]], folder: Path, **about: str | None) -> tuple[Path, Path]:

@@ -8,6 +8,7 @@ names (``zoo.load("cnn-synthetic")``) resolve to folders under the repository's 
 
 from __future__ import annotations
 
+import contextvars
 import os
 import pickle
 import tempfile
@@ -23,6 +24,16 @@ from safetensors.torch import load_file, save_file
 from zoo.registry import create_model
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.yaml", "card.md"
+
+# True while load() rebuilds a saved model whose own weights file is about to overwrite every parameter:
+# initial weights (pretrained_file, timm downloads, another saved model) are then not read, so a saved model
+# loads on a machine without them (zoo.nets.backbones reads this).
+_REBUILDING = contextvars.ContextVar("zoo_rebuilding_saved_model", default=False)
+
+
+def rebuilding_saved_model() -> bool:
+    """Whether the model being built will get all its weights from a saved file (skip initial weights)."""
+    return _REBUILDING.get()
 
 
 def pretrained_root() -> Path:
@@ -152,10 +163,13 @@ def load(name_or_path: str | os.PathLike, map_location: str | torch.device = "cp
 
 
 def _build(name: str, hparams: dict, source: Path):
+    token = _REBUILDING.set(True)  # the saved weights follow: do not read the initial ones (see above)
     try:
         return create_model(name, **hparams)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{source}: {err}") from None
+    finally:
+        _REBUILDING.reset(token)
 
 
 def _load_state(model, state: Mapping[str, torch.Tensor], source: Path) -> None:

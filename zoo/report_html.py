@@ -18,7 +18,7 @@ from typing import Iterable
 
 from markdown_it import MarkdownIt
 
-from zoo.evaluation import table_columns
+from zoo import metrics as M
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #111; max-width: 1150px; }
@@ -90,3 +90,14 @@ def write_report(run_dir: str | Path, rows: dict[str, dict[str, float]], title: 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     return out
+
+
+def table_columns(rows: dict[str, dict[str, float]]) -> list[str]:
+    """The table's columns (text table and HTML report): known ones first, in _ORDER; the rest in the
+    order rows first use them (a set would order them by string hash, which differs between runs)."""
+    return sorted(dict.fromkeys(c for r in rows.values() for c in r), key=lambda c: _ORDER.get(c, len(_ORDER)))
+
+
+_ORDER = {c: i for i, c in enumerate(
+    ["acc", "auroc", "hit_rate", "energy_in_mask", "deletion_auc", "insertion_auc", "stability", "map_iou",
+     *(f"{m}_auc[{s}]" for m in ("deletion", "insertion") for s in M.SUBSTRATES)])}

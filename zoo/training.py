@@ -115,10 +115,26 @@ def build_model(cfg: DictConfig, datamodule):
                  **datamodule.model_kwargs)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, with_callbacks: bool = True) -> L.Trainer:
+DEFAULT_EPOCHS = 6  # a model without a schedule: the zoo's 28–64 px nets converge in ~6 epochs on CPU
+
+
+def max_epochs(cfg: DictConfig, model) -> int:
+    """``trainer.max_epochs``, or when it is null (the default) :data:`DEFAULT_EPOCHS`, extended to the
+    model's schedule where that is longer (ProtoPNet's 2 + 4 + 2 epochs: a fixed 6 stopped it after the
+    push and before its last-layer phase, test accuracy 0.55). Not shorter: an open-ended last phase
+    (GdVAE's consistency) counts 0 in the schedule's length."""
+    set_epochs = cfg.trainer.get("max_epochs")
+    if set_epochs is not None:
+        return int(set_epochs)
+    schedule = getattr(model, "training_schedule", None)
+    return max(DEFAULT_EPOCHS, schedule.total_epochs if schedule is not None else 0)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, with_callbacks: bool = True,
+                  epochs: int = DEFAULT_EPOCHS) -> L.Trainer:
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] if with_callbacks else []
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None] if with_callbacks else False
-    return build(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
+    return build(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir), max_epochs=epochs)
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -153,11 +169,12 @@ def _command() -> str:
         return "python " + " ".join(sys.argv)
 
 
-def train_baseline(cfg: DictConfig, datamodule, run_dir: Path):
-    """The zoo's black-box CNN trained with the same data and trainer budget, for side-by-side rows."""
+def train_baseline(cfg: DictConfig, datamodule, run_dir: Path, epochs: int = DEFAULT_EPOCHS):
+    """The zoo's black-box CNN trained with the same data and trainer budget (``epochs``: the family's),
+    for side-by-side rows."""
     baseline = create_model("cnn", num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
                             image_size=datamodule.image_size, task=datamodule.task)
-    trainer = build_trainer(cfg, run_dir / "baseline", with_callbacks=False)
+    trainer = build_trainer(cfg, run_dir / "baseline", with_callbacks=False, epochs=epochs)
     trainer.fit(baseline, datamodule=datamodule)
     return baseline, trainer.test(baseline, datamodule=datamodule, verbose=False)[0]
 
@@ -175,7 +192,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     prepare_graph(datamodule)
     model = build_model(cfg, datamodule)
-    trainer = build_trainer(cfg, run_dir)
+    epochs = max_epochs(cfg, model)
+    trainer = build_trainer(cfg, run_dir, epochs=epochs)
     ckpt_path = _resume_path(cfg, run_dir)
     if ckpt_path is not None:
         _continue_logs(trainer, ckpt_path)
@@ -188,7 +206,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ev = cfg.get("evaluate") or {}
     image_model = model.input_kind == "image"
     if ev.get("compare_baseline", True) and model.explanation_kind != "post-hoc" and image_model:
-        baseline, base_results = train_baseline(cfg, datamodule, run_dir)  # every DDP rank takes part
+        baseline, base_results = train_baseline(cfg, datamodule, run_dir, epochs)  # every DDP rank takes part
         rows["cnn (black-box baseline)"] = {"acc": base_results["test/acc"], "auroc": base_results["test/auroc"]}
     if not trainer.is_global_zero:  # DDP: one process measures, saves and prints
         return results

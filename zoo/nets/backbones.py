@@ -73,9 +73,12 @@ class TimmBackbone(nn.Module):
         if pretrained_file is not None:
             kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(pretrained_file)}
         weighted = pretrained or pretrained_file is not None
+        # zoo.load: the saved weights replace these, so build untrained (no file read, no download) but keep
+        # the pretrained input normalisation, which is part of the saved model's computation.
+        read = weighted and not hub.rebuilding_saved_model()
         try:
             with _TimmLoadReport() as report:
-                self.body = timm.create_model(name, pretrained=weighted, features_only=True, out_indices=(-1,),
+                self.body = timm.create_model(name, pretrained=read, features_only=True, out_indices=(-1,),
                                               in_chans=in_channels, **kwargs)
         except (RuntimeError, pickle.UnpicklingError) as err:  # shapes that do not fit, pickled code
             if pretrained_file is None:
@@ -84,7 +87,7 @@ class TimmBackbone(nn.Module):
                              f"{_first_lines(err)}") from None
         kept = {k.removeprefix("model.") for k in self.body.state_dict()}  # a ViT's wrapper nests it as model.
         lacking = [k for k in report.missing if k in kept]  # not the head etc. the feature wrapper drops
-        if weighted and lacking:
+        if read and lacking:
             source = f"pretrained_file {str(pretrained_file)!r}" if pretrained_file else "timm's pretrained weights"
             raise ValueError(f"{source} does not fit timm {name!r}: it lacks weights for {', '.join(lacking[:5])}"
                              f" ({len(lacking)} tensors)")
@@ -210,11 +213,11 @@ def build_backbone(name: str = "zoo_cnn", in_channels: int = 1, widths: Sequence
             raise ValueError("backbone 'patch_cnn' needs patch_size")
         else:
             module = PatchCNN(in_channels, patch_size, **kwargs)
-        if pretrained_file is not None:
+        if pretrained_file is not None and not hub.rebuilding_saved_model():
             load_module_file(module, pretrained_file, name)
         return module
-    if pretrained_file is not None and not Path(pretrained_file).is_file():  # timm's own error names no file
-        raise FileNotFoundError(f"pretrained_file {str(pretrained_file)!r}: no such file")
+    if pretrained_file is not None and not hub.rebuilding_saved_model() and not Path(pretrained_file).is_file():
+        raise FileNotFoundError(f"pretrained_file {str(pretrained_file)!r}: no such file")  # timm's names no file
     return TimmBackbone(name, in_channels=in_channels, pretrained=pretrained, pretrained_file=pretrained_file,
                         **(timm_kwargs or {}))
 
@@ -227,7 +230,10 @@ def load_pretrained(source: str, parts: Mapping[str, nn.Module], owner: str, mis
 
     A part the donor lacks, or weights that do not fit, is a ValueError ``"<owner>: <source> (<donor>)
     <mismatch>: ..."``. A source that is not there raises FileNotFoundError, or with ``missing="warn"``
-    logs a warning and loads nothing (the parts stay as initialised). Returns whether it loaded."""
+    logs a warning and loads nothing (the parts stay as initialised). Returns whether it loaded. Not
+    read while ``zoo.load`` rebuilds a saved model (its own weights replace these)."""
+    if hub.rebuilding_saved_model():
+        return False
     try:
         donor = hub.load(source)
     except FileNotFoundError:

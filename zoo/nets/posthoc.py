@@ -48,7 +48,8 @@ def gradcam_layers(model: nn.Module, x: Tensor, target: Tensor, layers: list[str
                for name, m in modules.items()]
     try:
         with torch.enable_grad():
-            logits = model(x)
+            # the input requires grad (as Captum's does), so activations of a frozen model have a graph too
+            logits = model(x.detach().requires_grad_(True))
             score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()  # rows are independent
             grads = torch.autograd.grad(score, [acts[name] for name in layers])
     finally:
