@@ -305,6 +305,11 @@ def test_patch_additive_is_additive_and_patches_are_independent():
     assert changed.abs().max() == 0  # no other patch moves
     with pytest.raises(ValueError, match="patch_size must be ≥ 4 and divide image_size"):
         zoo.create_model("patch_additive", **GEOM, patch_size=6)
+    # default: a 4×4 grid at any size divisible by 4 (28 px MedMNIST → 7 px patches)
+    medmnist = zoo.create_model("patch_additive", **{**GEOM, "image_size": 28}).eval()
+    expl = medmnist.explain(torch.rand(2, GEOM["in_channels"], 28, 28) * 2 - 1)
+    assert medmnist.patch_size == 7 and expl.patch_logits.shape[-2:] == (4, 4)
+    torch.testing.assert_close(expl.contributions.sum(-1) + expl.bias, expl.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_both_attribution_maps_sum_to_the_logit_and_cells_mode_is_cell_aligned():

@@ -35,12 +35,15 @@ class PatchAdditive(SelfExplainingModule):
 
     def __init__(
         self,
-        patch_size: int = 8,  # 32 px → a 4×4 grid; a synthetic part (6–10 px) mostly fits in one or two patches
+        patch_size: int | None = None,  # None: image_size / 4, a 4×4 grid (32 px → 8 px patches, where a
+        # synthetic part of 6–10 px mostly fits in one or two; 28 px MedMNIST → 7 px)
         widths: Sequence[int] = (32, 64, 128),  # the zoo CNN on each 8 px patch on its own (2×2 map after two pools)
         lr: float = 3e-3,  # the cnn baseline's lr and budget
         **base: Any,
     ) -> None:
         super().__init__(lr=lr, **base)
+        if patch_size is None:
+            patch_size = self.image_size // 4 if self.image_size % 4 == 0 else self.image_size
         if patch_size < 4 or self.image_size % patch_size:
             raise ValueError(f"patch_size must be ≥ 4 and divide image_size ({self.image_size}), got {patch_size}")
         self.patch_size = patch_size
