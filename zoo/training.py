@@ -131,7 +131,10 @@ def max_epochs(cfg: DictConfig, model) -> int:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, with_callbacks: bool = True,
-                  epochs: int = DEFAULT_EPOCHS) -> L.Trainer:
+                  epochs: int | None = None) -> L.Trainer:
+    """The configured Trainer; ``epochs`` (e.g. :func:`max_epochs` for the model) overrides
+    ``trainer.max_epochs``, None keeps it (null → :data:`DEFAULT_EPOCHS`)."""
+    epochs = max_epochs(cfg, None) if epochs is None else epochs
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] if with_callbacks else []
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None] if with_callbacks else False
     return build(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir), max_epochs=epochs)
@@ -169,7 +172,7 @@ def _command() -> str:
         return "python " + " ".join(sys.argv)
 
 
-def train_baseline(cfg: DictConfig, datamodule, run_dir: Path, epochs: int = DEFAULT_EPOCHS):
+def train_baseline(cfg: DictConfig, datamodule, run_dir: Path, epochs: int | None = None):
     """The zoo's black-box CNN trained with the same data and trainer budget (``epochs``: the family's),
     for side-by-side rows."""
     baseline = create_model("cnn", num_classes=datamodule.num_classes, in_channels=datamodule.in_channels,
