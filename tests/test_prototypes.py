@@ -264,8 +264,9 @@ def test_receptive_field_of_known_conv_stacks():
                                                                          int(ys.max()), int(xs.max())]
 
 
+@pytest.mark.parametrize("temperature", [None, 0.25, 3.0])
 @pytest.mark.parametrize("h,H", [(8, 32), (16, 32), (7, 28)])
-def test_receptive_field_spread_follows_the_similarity_inside_the_box_and_sums_exactly(h, H):
+def test_receptive_field_spread_follows_the_similarity_inside_the_box_and_sums_exactly(h, H, temperature):
     from zoo.models.prototypes.rf import ReceptiveField, rf_boxes
 
     g = torch.Generator().manual_seed(h + H)
@@ -275,7 +276,7 @@ def test_receptive_field_spread_follows_the_similarity_inside_the_box_and_sums_e
     sim[1, 2] = -1.0  # no positive similarity: even over the box
     where = torch.randint(0, h * h, (B, P), generator=g)
     values = torch.randn(B, P, generator=g)
-    out = spread_within_cells(values, where, sim, H, H, rf=rf)
+    out = spread_within_cells(values, where, sim, H, H, rf=rf, temperature=temperature)
     up = F.interpolate(sim, size=(H, H), mode="bilinear", align_corners=False)
     expected = torch.zeros(B, H, H)
     for b in range(B):
@@ -283,11 +284,34 @@ def test_receptive_field_spread_follows_the_similarity_inside_the_box_and_sums_e
             y0, x0, y1, x1 = rf_boxes(torch.tensor([[int(where[b, j]) // h, int(where[b, j]) % h]]), rf, H)[0].tolist()
             inside = torch.zeros(H, H)
             inside[y0:y1 + 1, x0:x1 + 1] = 1
-            wgt = up[b, j].clamp_min(0) * inside
-            wgt = wgt / wgt.sum() if wgt.sum() > 0 else inside / inside.sum()
+            if temperature is None:  # linear: the clipped upsampled map, even where it is ≤ 0 everywhere
+                wgt = up[b, j].clamp_min(0) * inside
+                wgt = wgt / wgt.sum() if wgt.sum() > 0 else inside / inside.sum()
+            else:  # softmax of the upsampled map over the box (also where it is negative)
+                wgt = torch.exp(up[b, j] / temperature) * inside
+                wgt = wgt / wgt.sum()
             expected[b] += values[b, j] * wgt
     torch.testing.assert_close(out[:, 0], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.sum((1, 2, 3)), values.sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_default_map_is_the_softmax_receptive_field_spread_and_temperature_is_checked():
+    from zoo.models.prototypes.attribution import prototype_attribution
+
+    m = small()
+    x = images(2)
+    with torch.no_grad():
+        parts = m._parts(m.features(x))
+    w_t = m.last_layer.weight[torch.tensor([0, 1])]
+    expl = m.explain(x, target=torch.tensor([0, 1]))
+    for spread, temperature in (("receptive_field", 0.25), ("receptive_field_linear", None)):
+        expected = spread_within_cells(w_t * parts["g"], parts["where"], parts["s"], 32, 32, rf=m.receptive_field(),
+                                       temperature=temperature)
+        got = expl.attribution if spread == "receptive_field" else m.explain(x, torch.tensor([0, 1]), spread=spread).attribution
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
+        prototype_attribution(parts["s"], parts["g"], parts["where"], w_t, "exact", (32, 32), rf=m.receptive_field(),
+                              temperature=0.0)
 
 
 def test_push_leaves_prototypes_without_a_sample_of_their_class(caplog):
@@ -328,6 +352,9 @@ def test_model_push_makes_prototypes_real_patches_and_provenance_survives_save_l
     y0, x0, y1, x1 = prov["rf_box"]
     assert y0 <= prov["cell"][0] and prov["cell"][2] <= y1 and x0 <= prov["cell"][1] and prov["cell"][3] <= x1
     assert m.duplicate_image_groups() == []  # 12 images, 4 per class, 2 prototypes per class
+    card = m.card_metrics({"test/acc": 1.0}, {})  # the model card reports the push's diversity and boxes
+    assert card["duplicate_source_images"] == 0 and card["receptive_field_px"] == m.receptive_field().size
+    assert f"p0{list(prov['rf_box'])}" in card["rf_boxes"]
     torch.testing.assert_close(loaded.push_images, m.push_images)
     expl = loaded.explain(images(2))
     assert expl.prototype_provenance[0]["index"] == int(res.index[0]) and "source_images" in expl.extras
@@ -434,7 +461,9 @@ def test_prob_protopnet_is_an_mc_predictive_with_exact_per_sample_decompositions
     torch.testing.assert_close(expl.attribution.sum((1, 2, 3)), mean_t, rtol=1e-5, atol=1e-5)
     u = expl.uncertainty
     assert set(u) == {"predictive_entropy", "mutual_information", "similarity_variance", "top_prototype_disagreement",
-                      "distance_variance", "top_prototype_distance_variance"}
+                      "distance_variance", "top_prototype_distance_variance", "class_distance_variance",
+                      "contribution_variance", "class_prototype_mahalanobis", "prototype_mahalanobis",
+                      "nearest_sample_distance"}
     assert all(v.shape == (3,) for v in u.values())
     assert (u["predictive_entropy"] <= math.log(3) + 1e-5).all() and (u["mutual_information"] >= 0).all()
     assert ((u["top_prototype_disagreement"] >= 0) & (u["top_prototype_disagreement"] < 1)).all()

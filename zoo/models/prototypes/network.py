@@ -153,8 +153,9 @@ class PrototypeNetwork(SelfExplainingModule):
 
         view: "exact" (attribution sums to the target logit) or "similarity" (Σ_j W[t,j]·upsampled s_j).
         spread: where "exact" shares a contribution: "receptive_field" (over the feature's receptive
-            field, by the prototype's upsampled map), "similarity" (same, inside the stride cell) or
-            "even" (evenly in the cell). maps: fill ``prototype_maps`` (B,P,H,W); turn off
+            field, by a softmax of the prototype's upsampled map), "receptive_field_linear" (same box,
+            by the clipped map itself), "similarity" (linear, inside the stride cell) or "even"
+            (evenly in the cell); attribution.py. maps: fill ``prototype_maps`` (B,P,H,W); turn off
             for many prototypes at large sizes.
         """
         self.validate_input(x)
@@ -198,8 +199,9 @@ class PrototypeNetwork(SelfExplainingModule):
     def attribution_map(self, parts: dict[str, Tensor], target: Tensor, view: str, size: tuple[int, int],
                         spread: str = "receptive_field") -> Tensor:
         """(B,1,H,W) map of the target logit. "exact" (sum-exact): W[t,j]·g_j shared over the
-        receptive field (default) or the stride cell of the location where g_j is attained, by s_j's
-        upsampled map, or evenly in the cell (spread="even"); it sums to the logit. "similarity":
+        receptive field (default: by a softmax of s_j's upsampled map; "receptive_field_linear": by
+        the map) or the stride cell of the location where g_j is attained, or evenly in the cell
+        (spread="even"); it sums to the logit (attribution.py). "similarity":
         Σ_j W[t,j]·s_j bilinearly upsampled (smoother, not a decomposition)."""
         return prototype_attribution(parts["s"], parts["g"], parts["where"], self.last_layer.weight[target], view,
                                      size, spread, rf=self.receptive_field())
@@ -215,6 +217,18 @@ class PrototypeNetwork(SelfExplainingModule):
         rf = rf_boxes(self.push_location.cpu(), self.receptive_field(), self.image_size)
         return provenance_dicts(self.push_index, self.push_location, self.push_distance, self.push_box,
                                 self.push_cell, self.prototype_class, rf_box=rf)
+
+    def card_metrics(self, results, rows) -> dict[str, float]:
+        """The base card plus the push's diversity and receptive field (issue 17): same-class prototypes
+        sharing a source image / sharing a patch (0 with the unique push), the field's side in pixels,
+        and each prototype's receptive-field box (y0, x0, y1, x1) as one row."""
+        card = super().card_metrics(results, rows)
+        if bool((self.push_index >= 0).any()):
+            card["duplicate_source_images"] = sum(len(g) - 1 for g in self.duplicate_image_groups())
+            card["duplicate_source_patches"] = sum(len(g) - 1 for g in self.duplicate_groups())
+            card["receptive_field_px"] = self.receptive_field().size
+            card["rf_boxes"] = " ".join(f"p{r['prototype']}{list(r['rf_box'])}" for r in self.provenance())
+        return card
 
     def duplicate_groups(self) -> list[list[int]]:
         found = self.push_index >= 0
