@@ -45,6 +45,8 @@ QUICK = ["trainer=fast", "data.n_train=128", "data.n_val=64", "data.n_test=64", 
 
 
 def command(model: str, data: str, seed: int, out: Path, extra: list[str]) -> list[str]:
+    out = out.resolve()
+    out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out  # commands run from ROOT: portable
     return [sys.executable, "train.py", f"model={model}", f"data={data}", f"seed={seed}", "logger=none",
             "evaluate.compare_baseline=false", f"hydra.run.dir={out}", *extra]
 
