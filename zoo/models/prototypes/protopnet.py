@@ -71,7 +71,8 @@ class ProtoPNet(PrototypeNetwork):
         sep_weight: float = 0.08,
         l1_weight: float = 1e-4,
         backbone_lr: float = 1e-3,  # paper 1e-4 for a pretrained backbone; ours trains from scratch
-        last_layer_lr: float = 1e-3,  # paper 1e-4 over 20 epochs; we run 2 last-layer epochs
+        last_layer_lr: float = 1e-2,  # paper 1e-4 over 20 epochs; we run 2: at 1e-3 they did not refit the
+        # layer after the push on small data (val acc, n_train 1000: 0.55 vs 0.974 at 1e-2; BreastMNIST 0.808 vs 0.833)
         push_batch_size: int = 256,
         push_at_end: bool = True,  # push once more if fit ends with prototypes trained after the last push
         keep_push_images: bool = True,  # store source images (fp16) for galleries
