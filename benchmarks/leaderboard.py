@@ -79,14 +79,14 @@ def run_job(job: tuple[str, str, int], out: Path, extra: list[str], shown: str) 
         print(f"skip (done): {shown}", flush=True)
         return None
     print(f"$ {shown}", flush=True)
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), git_commit()  # the code the job starts with
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # one core per job
     proc = subprocess.run(command(m, d, s, folder, extra), cwd=ROOT, capture_output=True, text=True, env=env)
     print(f"  {'ok' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - started:.0f} s: {d} {m} seed {s}",
           flush=True)
     if proc.returncode == 0:
         (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": round(time.perf_counter() - started),
-                                                          "commit": git_commit()}))
+                                                          "commit": commit}))
         return None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.log").write_text(proc.stdout + proc.stderr)
