@@ -45,10 +45,15 @@ QUICK = ["trainer=fast", "data.n_train=128", "data.n_val=64", "data.n_test=64", 
 
 
 def command(model: str, data: str, seed: int, out: Path, extra: list[str]) -> list[str]:
+    """The job's train.py command; ``out`` is the job's folder (<root>/<data>/<model>/seed<s>)."""
     out = out.resolve()
     out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out  # commands run from ROOT: portable
+    # proto_head sits on a frozen backbone that must be named: the cnn job of the same data and seed
+    # (run before it: cnn comes first in FAMILIES), as conf/experiment/proto_head_synthetic.yaml does
+    # with the shipped cnn-synthetic.
+    named = [f"model.backbone_checkpoint={out.parent.parent / 'cnn' / out.name / 'model'}"] if model == "proto_head" else []
     return [sys.executable, "train.py", f"model={model}", f"data={data}", f"seed={seed}", "logger=none",
-            "evaluate.compare_baseline=false", f"hydra.run.dir={out}", *extra]
+            "evaluate.compare_baseline=false", f"hydra.run.dir={out}", *named, *extra]
 
 
 def plain_row(name: str) -> str:

@@ -40,3 +40,15 @@ def test_report_only_averages_seeds_and_lists_jobs_not_run(tmp_path):
     assert "0.250 ± 0.071" in cells and "commit(s) abc1234" in text
     csv_head = md.with_suffix(".csv").read_text().splitlines()[0].split(",")
     assert csv_head[:4] == ["data", "model", "row", "n_seeds"] and "deletion_auc_mean" in csv_head
+
+
+def test_proto_head_job_names_the_cnn_job_of_its_data_and_seed_as_backbone():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import leaderboard
+
+    cmd = leaderboard.command("proto_head", "breastmnist", 2, ROOT / "logs" / "lb" / "breastmnist" / "proto_head" /
+                              "seed2", [])
+    assert "hydra.run.dir=logs/lb/breastmnist/proto_head/seed2" in cmd  # relative: runs from the repository
+    assert "model.backbone_checkpoint=logs/lb/breastmnist/cnn/seed2/model" in cmd
+    assert not any("backbone_checkpoint" in c for c in leaderboard.command("cnn", "breastmnist", 2, ROOT / "x", []))
+    assert leaderboard.FAMILIES[0] == "cnn"  # its cnn job runs first (data-major, families in order)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo import hub
 from zoo.explanation import Explanation
 from zoo.nets.backbones import build_backbone, load_pretrained
 from zoo.registry import register_model
@@ -160,6 +161,11 @@ class ProtoHead(PrototypeNetwork):
                                        pretrained_file=pretrained_file)
         if backbone_checkpoint:
             self._load_backbone(backbone_checkpoint)  # absent → FileNotFoundError
+        elif not (pretrained or pretrained_file) and not hub.rebuilding_saved_model():
+            # not an error (contract tests build it), but a random frozen backbone learns nothing useful:
+            # `train.py model=proto_head` alone gave chance accuracy on synthetic
+            log.warning("%s: the frozen backbone %r is random — name its weights (backbone_checkpoint=<zoo "
+                        "model>, pretrained_file=<file> or pretrained=true)", self.model_name, backbone)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self._frozen_backbone()
