@@ -76,10 +76,15 @@ def job_rows(metrics: dict) -> dict[str, dict[str, float]]:
     return {name: {**{k: cls[k] for k in ("acc", "auroc") if k in cls}, **r} for name, r in rows.items()}
 
 
+def job_folder(out: Path, job: tuple[str, str, int]) -> Path:
+    d, m, s = job
+    return out / d / m / f"seed{s}"
+
+
 def run_job(job: tuple[str, str, int], out: Path, extra: list[str], shown: str) -> str | None:
     """Run one train.py job unless its metrics.yaml exists; the failure line, or None."""
     d, m, s = job
-    folder = out / d / m / f"seed{s}"
+    folder = job_folder(out, job)
     if (folder / "metrics.yaml").exists():
         print(f"skip (done): {shown}", flush=True)
         return None
@@ -87,11 +92,10 @@ def run_job(job: tuple[str, str, int], out: Path, extra: list[str], shown: str) 
     started, commit = time.perf_counter(), git_commit()  # the code the job starts with
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # one core per job
     proc = subprocess.run(command(m, d, s, folder, extra), cwd=ROOT, capture_output=True, text=True, env=env)
-    print(f"  {'ok' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - started:.0f} s: {d} {m} seed {s}",
-          flush=True)
+    wall = time.perf_counter() - started
+    print(f"  {'ok' if proc.returncode == 0 else 'FAILED'} in {wall:.0f} s: {d} {m} seed {s}", flush=True)
     if proc.returncode == 0:
-        (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": round(time.perf_counter() - started),
-                                                          "commit": commit}))
+        (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": round(wall), "commit": commit}))
         return None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.log").write_text(proc.stdout + proc.stderr)
@@ -126,20 +130,20 @@ def main() -> None:
     extra = QUICK if args.quick else []
 
     jobs = [(d, m, s) for d in data for m in args.models for s in seeds]  # synthetic (first in DATA) first
-    commands = {(d, m, s): "python " + shlex.join(command(m, d, s, out / d / m / f"seed{s}", extra)[1:])
+    commands = {(d, m, s): "python " + shlex.join(command(m, d, s, job_folder(out, (d, m, s)), extra)[1:])
                 for d, m, s in jobs}
     started_all = time.perf_counter()
     failed: list[str] = []
     if not args.report_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on subprocesses
             failed = [f for f in pool.map(lambda job: run_job(job, out, extra, commands[job]), jobs) if f]
-    missing = [commands[j] for j in jobs if not (out / j[0] / j[1] / f"seed{j[2]}" / "metrics.yaml").exists()]
+    missing = [commands[j] for j in jobs if not (job_folder(out, j) / "metrics.yaml").exists()]
     wall = time.perf_counter() - started_all
     cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     job_commits: set[str] = set()
     order = {name: i for i, name in enumerate([*DATA, *FAMILIES])}
     for d, m, s in sorted(jobs, key=lambda j: (order.get(j[0], len(order)), order.get(j[1], len(order)), j[2])):
-        path = out / d / m / f"seed{s}" / "metrics.yaml"
+        path = job_folder(out, (d, m, s)) / "metrics.yaml"
         if path.exists():
             job_commits.add(yaml.safe_load((path.parent / "job.yaml").read_text())["commit"]
                             if (path.parent / "job.yaml").exists() else "unknown")

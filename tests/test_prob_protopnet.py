@@ -37,7 +37,7 @@ def test_distance_variance_is_the_sample_variance_and_rises_away_from_the_protot
     put_prototypes_on(m, x)
     near = m.explain(x, maps=False).uncertainty
     with torch.no_grad():
-        d_s = torch.stack([p["d_min"] for p in m._sample_parts(x)])
+        d_s = torch.stack([p["d_min"] for p in m._sample_parts(m.features(x))])
     torch.testing.assert_close(near["distance_variance"], d_s.var(0).mean(1))
     torch.testing.assert_close(near["nearest_sample_distance"], d_s.amin(dim=(0, 2)))
     with torch.no_grad():  # the same inputs, now far from every prototype (features live in (0,1)^D)
@@ -65,7 +65,7 @@ def test_class_signals_rise_when_the_explained_class_prototypes_are_far_and_igno
     for k in keys:
         assert (far[k] > 10 * near[k]).all(), k
     with torch.no_grad():  # the identity: mean over the class-0 prototypes of Var_s d_j
-        d_s = torch.stack([p["d_min"] for p in m._sample_parts(x)])
+        d_s = torch.stack([p["d_min"] for p in m._sample_parts(m.features(x))])
     torch.testing.assert_close(far["class_distance_variance"], d_s.var(0)[:, own].mean(1))
 
 

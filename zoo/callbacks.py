@@ -17,6 +17,15 @@ def _class_names(module, datamodule) -> list[str] | None:
     return getattr(module, "class_names", None) or getattr(datamodule, "class_names", None)
 
 
+def explanation_figure(module, batch: dict[str, torch.Tensor], class_names: list[str] | None, max_items: int = 8):
+    """The model's own explanation figure of an image batch (masks and labels drawn when present).
+    Needs autograd for post-hoc and some families' explanations: call it outside inference mode."""
+    images = batch["image"].to(module.device)
+    target = batch["label"].to(module.device) if batch["label"].ndim == 1 else None
+    expl = module.explain(images, target).detach()
+    return plot_explanation(expl, class_names=class_names, masks=batch.get("mask"), labels=target, max_items=max_items)
+
+
 class ExplanationFigures(L.Callback):
     """Save the model's own explanation figure for a fixed batch every `every_n_epochs` and at test.
 
@@ -52,11 +61,7 @@ class ExplanationFigures(L.Callback):
                     batch = self._batch(trainer, stage)
                     if batch is None:
                         return
-                    images = batch["image"].to(module.device)
-                    target = batch["label"].to(module.device) if batch["label"].ndim == 1 else None
-                    expl = module.explain(images, target).detach()
-                    fig = plot_explanation(expl, class_names=_class_names(module, trainer.datamodule),
-                                           masks=batch.get("mask"), labels=target, max_items=self.n_images)
+                    fig = explanation_figure(module, batch, _class_names(module, trainer.datamodule), self.n_images)
         finally:
             module.train(was_training)
         tag = f"{stage}-epoch{trainer.current_epoch:03d}"

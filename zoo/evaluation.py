@@ -240,15 +240,12 @@ def _html_report(model, datamodule, rows, out: Path, title: str, source) -> Path
     import matplotlib.pyplot as plt
 
     from zoo import hub
-    from zoo.viz import plot_explanation, save_figure
+    from zoo.callbacks import explanation_figure
+    from zoo.viz import save_figure
 
     figures = []
     if model.input_kind == "image":
-        batch = take_images(datamodule, "test", 8)
-        target = batch["label"] if batch["label"].ndim == 1 else None
-        expl = model.explain(batch["image"].to(model.device), None if target is None else target.to(model.device))
-        fig = plot_explanation(expl.detach(), class_names=model.class_names or datamodule.class_names,
-                               masks=batch.get("mask"), labels=target, max_items=8)
+        fig = explanation_figure(model, take_images(datamodule, "test", 8), model.class_names or datamodule.class_names)
         figures.append(save_figure(fig, out / "figures" / "test.png"))
         plt.close(fig)
     try:

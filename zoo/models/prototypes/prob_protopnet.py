@@ -133,8 +133,9 @@ class ProbProtoPNet(PrototypeNetwork):
         eps = self.eps if eps is None else eps
         return self.prototypes[None] + self.log_std.exp()[None] * eps
 
-    def _sample_parts(self, x: Tensor) -> list[dict[str, Tensor]]:
-        z = self.features(x)  # shared by all samples: only the prototypes are random
+    def _sample_parts(self, z: Tensor) -> list[dict[str, Tensor]]:
+        """Parts of every prototype sample on features z (B,D,h,w): shared by all samples, since only
+        the prototypes are random."""
         return [self._parts(z, p) for p in self.prototype_samples()]
 
     @staticmethod
@@ -144,7 +145,7 @@ class ProbProtoPNet(PrototypeNetwork):
         return torch.logsumexp(F.log_softmax(sample_logits, dim=-1), dim=0) - math.log(S)
 
     def compute_logits(self, x: Tensor) -> Tensor:
-        return self._log_predictive(torch.stack([p["logits"] for p in self._sample_parts(x)]))
+        return self._log_predictive(torch.stack([p["logits"] for p in self._sample_parts(self.features(x))]))
 
     # ------------------------------------------------------------------ loss
     def kl(self) -> Tensor:
@@ -176,7 +177,7 @@ class ProbProtoPNet(PrototypeNetwork):
         check_view(view, spread)
         with torch.no_grad():
             z = self.features(x)  # shared by all samples and the mean prototypes
-            samples = [self._parts(z, p) for p in self.prototype_samples()]
+            samples = self._sample_parts(z)
         sample_logits = torch.stack([p["logits"] for p in samples])  # (S,B,K)
         logits = self._log_predictive(sample_logits)
         target = self.resolve_target(logits, target)

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo import hub
@@ -50,7 +49,7 @@ from zoo.nets.backbones import build_backbone, load_pretrained
 from zoo.registry import register_model
 
 from .network import PrototypeNetwork
-from .protofm_losses import ema_update, protofm_terms
+from .protofm_losses import ema_update, patch_cosine, protofm_terms
 from .push import cell_box
 from .rf import ReceptiveField, rf_boxes
 
@@ -84,7 +83,7 @@ def nearest_patches(features: Callable[[Tensor], Tensor], prototypes: Tensor, da
     if n == 0:
         raise ValueError("nearest_patches: the dataset is empty")
     P = prototypes.shape[0]
-    protos = F.normalize(prototypes.detach().float().to(device), dim=-1)
+    protos = prototypes.detach().float().to(device)
     best_s = torch.empty(P, 0, device=device)
     best_pos = torch.empty(P, 0, dtype=torch.long, device=device)
     best_loc = torch.empty(P, 0, dtype=torch.long, device=device)
@@ -96,7 +95,7 @@ def nearest_patches(features: Callable[[Tensor], Tensor], prototypes: Tensor, da
         idx = torch.tensor([int(it.get("index", start + i)) for i, it in enumerate(items)], device=device)
         z = features(x).float()  # (B,D,h,w)
         grid = tuple(z.shape[-2:])
-        cos = F.normalize(z.flatten(2).transpose(1, 2), dim=-1) @ protos.T  # (B,N,P)
+        cos = patch_cosine(z, protos)  # (B,N,P): the head's own similarity (protofm_losses)
         s_img, loc_img = cos.max(dim=1)  # (B,P) best cell of each image
         pos = torch.arange(start, start + x.shape[0], device=device)
         all_s = torch.cat([best_s, s_img.T], 1)

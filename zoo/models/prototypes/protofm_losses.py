@@ -65,9 +65,8 @@ def sparsity_loss(last_layer_weight: Tensor) -> Tensor:
 
 @torch.no_grad()
 def ema_update(teacher: Tensor, student: Tensor, momentum: float) -> None:
-    """In place: teacher ← momentum·teacher + (1 − momentum)·student (no gradient involved)."""
-    if not 0 <= momentum < 1:
-        raise ValueError(f"teacher_momentum must be in [0, 1), got {momentum}")
+    """In place: teacher ← momentum·teacher + (1 − momentum)·student (no gradient involved); the model
+    checks momentum ∈ [0, 1) once, at construction (this runs every optimiser step)."""
     teacher.mul_(momentum).add_(student.detach().to(teacher.dtype), alpha=1 - momentum)
 
 
