@@ -7,10 +7,10 @@ with its exact command), run in its own folder ``<out>/<data>/<model>/seed<s>``;
 measures on the test split (``train(cfg)``: accuracy/AUROC on the whole split, explanation metrics on
 256 balanced test images; the CNN's Grad-CAM layer is chosen on val). Families run with
 ``evaluate.compare_baseline=false``: the baseline is the ``cnn`` job of the same data and seed, trained by
-the same command with the same trainer budget. Columns: accuracy, AUROC, hit rate, deletion AUC (the
-headline is the worst of grey / blur / noise, then each substrate), insertion AUC (likewise, worst =
-lowest), stability, map IoU, and any family metric a job reports; mean ± std over seeds (std over the
-seeds that ran; n in the table).
+the same command with the same trainer budget (GdVAE loads it as its independent judge,
+``evaluate.baseline``). Columns: accuracy, AUROC, hit rate, deletion AUC (the headline is the worst of
+grey / blur / noise, then each substrate), insertion AUC (likewise, worst = lowest), stability, map IoU,
+and any family metric a job reports; mean ± std over seeds (std over the seeds that ran; n in the table).
 
     python benchmarks/leaderboard.py            # everything (hours on a CPU)
     python benchmarks/leaderboard.py --quick    # smoke: 1 seed, synthetic, tiny subsets, 1 short epoch
@@ -48,10 +48,13 @@ def command(model: str, data: str, seed: int, out: Path, extra: list[str]) -> li
     """The job's train.py command; ``out`` is the job's folder (<root>/<data>/<model>/seed<s>)."""
     out = out.resolve()
     out = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out  # commands run from ROOT: portable
-    # proto_head sits on a frozen backbone that must be named: the cnn job of the same data and seed
-    # (run before it: cnn comes first in FAMILIES), as conf/experiment/proto_head_synthetic.yaml does
-    # with the shipped cnn-synthetic.
-    named = [f"model.backbone_checkpoint={out.parent.parent / 'cnn' / out.name / 'model'}"] if model == "proto_head" else []
+    # Two families use the cnn job of the same data and seed (run before them: cnn comes first in
+    # FAMILIES): proto_head sits on it as its frozen backbone (as conf/experiment/proto_head_synthetic.yaml
+    # does with the shipped cnn-synthetic), and it is GdVAE's independent judge of counterfactual
+    # validity and realism (its post-hoc rows are the cnn job's own, not measured again).
+    cnn_job = out.parent.parent / "cnn" / out.name / "model"
+    named = {"proto_head": [f"model.backbone_checkpoint={cnn_job}"],
+             "gdvae": [f"evaluate.baseline={cnn_job}", "evaluate.posthoc=false"]}.get(model, [])
     return [sys.executable, "train.py", f"model={model}", f"data={data}", f"seed={seed}", "logger=none",
             "evaluate.compare_baseline=false", f"hydra.run.dir={out}", *named, *extra]
 

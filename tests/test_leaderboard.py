@@ -42,7 +42,7 @@ def test_report_only_averages_seeds_and_lists_jobs_not_run(tmp_path):
     assert csv_head[:4] == ["data", "model", "row", "n_seeds"] and "deletion_auc_mean" in csv_head
 
 
-def test_proto_head_job_names_the_cnn_job_of_its_data_and_seed_as_backbone():
+def test_proto_head_and_gdvae_jobs_name_the_cnn_job_of_their_data_and_seed():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import leaderboard
 
@@ -51,4 +51,6 @@ def test_proto_head_job_names_the_cnn_job_of_its_data_and_seed_as_backbone():
     assert "hydra.run.dir=logs/lb/breastmnist/proto_head/seed2" in cmd  # relative: runs from the repository
     assert "model.backbone_checkpoint=logs/lb/breastmnist/cnn/seed2/model" in cmd
     assert not any("backbone_checkpoint" in c for c in leaderboard.command("cnn", "breastmnist", 2, ROOT / "x", []))
+    gdvae = leaderboard.command("gdvae", "breastmnist", 2, ROOT / "logs" / "lb" / "breastmnist" / "gdvae" / "seed2", [])
+    assert "evaluate.baseline=logs/lb/breastmnist/cnn/seed2/model" in gdvae  # the independent judge
     assert leaderboard.FAMILIES[0] == "cnn"  # its cnn job runs first (data-major, families in order)

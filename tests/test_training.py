@@ -93,3 +93,15 @@ def test_default_command_reaches_target_accuracy(tmp_path):
     seed = 0  # conf/train.yaml's default; checked at 0, 1 and 2 (issue #13)
     metrics = train(compose(["evaluate.posthoc=false", "callbacks=none", "logger=none", f"seed={seed}"], tmp_path))
     assert metrics["cnn/acc"] >= 0.95, f"test accuracy {metrics['cnn/acc']:.3f}; 4 classes: chance is 0.25"
+
+
+def test_saved_baseline_must_fit_the_data():
+    """evaluate.baseline: a saved cnn made for other data is one clear error, not a shape crash later."""
+    from types import SimpleNamespace
+
+    from zoo.training import saved_baseline
+
+    synthetic = SimpleNamespace(num_classes=4, in_channels=1, image_size=32)
+    assert saved_baseline("cnn-synthetic", synthetic).num_classes == 4
+    with pytest.raises(ValueError, match=r"evaluate.baseline=cnn-synthetic: made for 4 classes.*data has 2"):
+        saved_baseline("cnn-synthetic", SimpleNamespace(num_classes=2, in_channels=1, image_size=28))

@@ -182,6 +182,19 @@ def train_baseline(cfg: DictConfig, datamodule, run_dir: Path, epochs: int | Non
     return baseline, trainer.test(baseline, datamodule=datamodule, verbose=False)[0]
 
 
+def saved_baseline(name_or_path: str, datamodule):
+    """``evaluate.baseline``: a saved black-box model (folder or pretrained name) as the run's baseline
+    instead of training one, e.g. the leaderboard's ``cnn`` job of the same data and seed — the
+    independent judge of GdVAE's counterfactuals. It must fit the data (classes, channels, size)."""
+    baseline = hub.load(name_or_path)
+    wanted = (datamodule.num_classes, datamodule.in_channels, datamodule.image_size)
+    have = (baseline.num_classes, baseline.in_channels, baseline.image_size)
+    if have != wanted:
+        raise ValueError(f"evaluate.baseline={name_or_path}: made for {have[0]} classes, {have[1]} channel(s), "
+                         f"{have[2]} px; the data has {wanted[0]}, {wanted[1]}, {wanted[2]} px")
+    return baseline
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, test, measure and save one model. Returns the flat metrics dict (also in metrics.yaml)."""
     started = time.perf_counter()
@@ -208,7 +221,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     baseline = None
     ev = cfg.get("evaluate") or {}
     image_model = model.input_kind == "image"
-    if ev.get("compare_baseline", True) and model.explanation_kind != "post-hoc" and image_model:
+    if ev.get("baseline") and model.explanation_kind != "post-hoc" and image_model:
+        baseline = saved_baseline(ev["baseline"], datamodule)  # trained elsewhere on the same data
+        rows["cnn (black-box baseline)"] = evaluation.classification_metrics(baseline, datamodule)
+    elif ev.get("compare_baseline", True) and model.explanation_kind != "post-hoc" and image_model:
         baseline, base_results = train_baseline(cfg, datamodule, run_dir, epochs)  # every DDP rank takes part
         rows["cnn (black-box baseline)"] = {"acc": base_results["test/acc"], "auroc": base_results["test/auroc"]}
     if not trainer.is_global_zero:  # DDP: one process measures, saves and prints
