@@ -105,6 +105,58 @@ def run_job(job: tuple[str, str, int], out: Path, extra: list[str], shown: str) 
     return f"{shown}  (log: {folder / 'error.log'})"
 
 
+README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- leaderboard:begin (benchmarks/leaderboard.py writes this block from docs/results.csv) -->", \
+    "<!-- leaderboard:end -->"
+HEADLINE = [("acc", "acc"), ("auroc", "AUROC"), ("hit_rate", "hit rate"), ("deletion_auc", "deletion ↓ (worst)"),
+            ("insertion_auc", "insertion ↑ (worst)")]
+GDVAE = [("cf_validity_judge", "validity by the cnn"), ("cf_validity_judge_worst", "worst class (cnn)"),
+         ("cf_validity", "self-judged"), ("cf_judge_nn_ratio", "realism (nn ratio, cnn)")]
+
+
+def headline(csv_path: Path) -> str:
+    """The README's results block, read from the leaderboard's CSV: per data set, each family's own
+    explanation row (``<model> (<kind>)``) and the cnn's best-layer Grad-CAM and IG rows; then GdVAE's
+    counterfactual validity, judged by the cnn job of the same seed, with the self-judged one beside it."""
+    rows = list(csv.DictReader(csv_path.open()))
+
+    def cell(r: dict, c: str) -> str:
+        return f"{float(r[c + '_mean']):.3f} ± {float(r[c + '_std']):.3f}" if r.get(c + "_mean") else "-"
+
+    def own(r: dict) -> bool:
+        if r["model"] == "cnn":
+            return r["row"] in ("cnn grad-cam best", "cnn integrated-gradients")
+        return re.fullmatch(rf"{re.escape(r['model'])} \([a-z -]+\)", r["row"]) is not None and bool(
+            r.get("deletion_auc_mean"))
+
+    lines = ["Test split, mean ± std over seeds (n), from [docs/results.md](docs/results.md); deletion / insertion: "
+             "the worst of the grey, blur and noise substrates. Hit rate needs ground-truth masks (synthetic only).", ""]
+    for d in dict.fromkeys(r["data"] for r in rows):
+        here = [r for r in rows if r["data"] == d and own(r)]
+        cols = [(c, name) for c, name in HEADLINE if any(r.get(c + "_mean") for r in here)]
+        lines += [f"**{d}**", "", "| model | explanation | n | " + " | ".join(n for _, n in cols) + " |",
+                  "|" + "---|" * (len(cols) + 3)]
+        lines += [f"| {r['model']} | {r['row'][len(r['model']) + 1:].strip('()')} | {r['n_seeds']} | "
+                  + " | ".join(cell(r, c) for c, _ in cols) + " |" for r in here]
+        lines.append("")
+    cf = [r for r in rows if r["row"] == "gdvae (counterfactuals)" and r.get("cf_validity_judge_mean")]
+    if cf:
+        lines += ["**GdVAE counterfactuals** (toward every other class; judge: the cnn job of the same data and seed)",
+                  "", "| data | n | " + " | ".join(n for _, n in GDVAE) + " |", "|" + "---|" * (len(GDVAE) + 2)]
+        lines += [f"| {r['data']} | {r['n_seeds']} | " + " | ".join(cell(r, c) for c, _ in GDVAE) + " |" for r in cf]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_readme_block(csv_path: Path, readme: Path = README) -> None:
+    """Replace the README's block between the markers with :func:`headline` (its numbers' one home)."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: no leaderboard block ({README_BEGIN} ... {README_END})")
+    head, rest = text.split(README_BEGIN, 1)
+    readme.write_text(head + README_BEGIN + "\n" + headline(csv_path) + "\n" + README_END + rest.split(README_END, 1)[1])
+
+
 def git_commit() -> str:
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "zoo", "conf", "train.py"],
@@ -144,12 +196,16 @@ def main() -> None:
     wall = time.perf_counter() - started_all
     cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     job_commits: set[str] = set()
+    spans: list[tuple[float, float, float]] = []  # (start, end, wall_s) of each job done
     order = {name: i for i, name in enumerate([*DATA, *FAMILIES])}
     for d, m, s in sorted(jobs, key=lambda j: (order.get(j[0], len(order)), order.get(j[1], len(order)), j[2])):
         path = job_folder(out, (d, m, s)) / "metrics.yaml"
         if path.exists():
-            job_commits.add(yaml.safe_load((path.parent / "job.yaml").read_text())["commit"]
-                            if (path.parent / "job.yaml").exists() else "unknown")
+            job_file = path.parent / "job.yaml"
+            job = yaml.safe_load(job_file.read_text()) if job_file.exists() else {}
+            job_commits.add(job.get("commit", "unknown"))
+            if "wall_s" in job:  # job.yaml is written as the job ends: its mtime - wall_s is the start
+                spans.append((job_file.stat().st_mtime - job["wall_s"], job_file.stat().st_mtime, job["wall_s"]))
             for row, values in job_rows(yaml.safe_load(path.read_text())).items():
                 cells.setdefault((d, m, row), []).append(values)
 
@@ -178,8 +234,11 @@ def main() -> None:
              "seed's value (the headline is each seed's worst substrate, so its mean can exceed every "
              "substrate's mean). Each family trains with its defaults (`trainer.max_epochs` null: 6 epochs "
              "or its schedule's length); the cnn rows are the baseline job of the same data and seeds. "
-             f"Code: commit(s) {', '.join(sorted(job_commits))}. Wall time of this invocation: {wall:.0f} s with {args.jobs} job(s) at "
-             "once on one thread each (jobs already done were skipped; each job's wall time and commit are in its "
+             f"Code: commit(s) {', '.join(sorted(job_commits))}. " + (
+                 f"Wall time: {(max(e for _, e, _ in spans) - min(b for b, _, _ in spans)) / 3600:.2f} h from the first "
+                 f"job's start to the last one's end, {sum(w for *_, w in spans) / 3600:.2f} h summed over the "
+                 f"{len(spans)} jobs (each on one thread; " if spans else "(") + f"this invocation: {wall:.0f} s with "
+             f"{args.jobs} job(s) at once, jobs already done skipped; each job's wall time and commit are in its "
              "folder's job.yaml).", ""]
     main = [c for c in COLUMNS if c in columns]  # one wide table per data set; family metrics listed below it
     for d in data:
@@ -204,6 +263,9 @@ def main() -> None:
                   *(f"- `{x}`" for x in missing), ""]
     md.write_text("\n".join(lines))
     print(f"wrote {md} and {md.with_suffix('.csv')}" + (f"; {len(failed)} job(s) failed" if failed else ""))
+    if args.results is None and not args.quick:  # the published page: the README's numbers follow it
+        write_readme_block(md.with_suffix(".csv"))
+        print(f"updated the results block of {README}")
 
 
 if __name__ == "__main__":

@@ -40,12 +40,29 @@ def test_report_only_averages_seeds_and_lists_jobs_not_run(tmp_path):
     assert "0.250 ± 0.071" in cells and "commit(s) abc1234" in text
     csv_head = md.with_suffix(".csv").read_text().splitlines()[0].split(",")
     assert csv_head[:4] == ["data", "model", "row", "n_seeds"] and "deletion_auc_mean" in csv_head
+    # the README's block: the best-layer row (not the classification-only "cnn" row), n, acc, deletion
+    block = _leaderboard().headline(md.with_suffix(".csv"))
+    assert "| cnn | grad-cam best | 2 | 0.850 ± 0.071 | 1.000 ± 0.000 | 0.250 ± 0.071 |" in block
+    assert "| cnn | cnn |" not in block
 
 
-def test_proto_head_and_gdvae_jobs_name_the_cnn_job_of_their_data_and_seed():
+def test_readme_results_block_is_written_from_docs_results_csv():
+    """The README's comparison numbers have one home: docs/results.csv, written by the leaderboard."""
+    lb = _leaderboard()
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(lb.README_BEGIN, 1)[1].split(lb.README_END, 1)[0]
+    assert block.strip() == lb.headline(ROOT / "docs" / "results.csv").strip()
+
+
+def _leaderboard():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import leaderboard
 
+    return leaderboard
+
+
+def test_proto_head_and_gdvae_jobs_name_the_cnn_job_of_their_data_and_seed():
+    leaderboard = _leaderboard()
     cmd = leaderboard.command("proto_head", "breastmnist", 2, ROOT / "logs" / "lb" / "breastmnist" / "proto_head" /
                               "seed2", [])
     assert "hydra.run.dir=logs/lb/breastmnist/proto_head/seed2" in cmd  # relative: runs from the repository
