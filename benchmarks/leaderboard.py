@@ -2,8 +2,10 @@
 synthetic data and the shared MedMNIST subsets over 3 seeds; write ``docs/results.md`` and a CSV.
 
 Every job is ``python train.py model=<m> data=<d> seed=<s> ...`` (printed, and listed in the results
-with its exact command), run in its own folder ``<out>/<data>/<model>/seed<s>``; a job whose
-``metrics.yaml`` exists is skipped, so an interrupted leaderboard resumes where it stopped. Each job
+with its exact command), run in its own folder ``<out>/<data>/<model>/seed<s>``; its metrics.yaml and
+job.yaml are copied into the store ``docs/leaderboard/<data>/<model>/seed<s>`` (committed), and a job
+the store holds is skipped, so an interrupted leaderboard resumes where it stopped, also in a fresh
+checkout (the cnn model a later proto_head / GdVAE job needs is then rebuilt by its seeded command). Each job
 measures on the test split (``train(cfg)``: accuracy/AUROC on the whole split, explanation metrics on
 256 balanced test images; the CNN's Grad-CAM layer is chosen on val). Families run with
 ``evaluate.compare_baseline=false``: the baseline is the ``cnn`` job of the same data and seed, trained by
@@ -27,7 +29,9 @@ import os
 import shlex
 import statistics
 import subprocess
+import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,25 +88,68 @@ def job_folder(out: Path, job: tuple[str, str, int]) -> Path:
     return out / d / m / f"seed{s}"
 
 
-def run_job(job: tuple[str, str, int], out: Path, extra: list[str], shown: str) -> str | None:
-    """Run one train.py job unless its metrics.yaml exists; the failure line, or None."""
+NEEDS_CNN = ("proto_head", "gdvae")  # they load the cnn job's model folder (see command)
+_cnn_locks: dict[tuple[str, int], threading.Lock] = {}
+
+
+def run_job(job: tuple[str, str, int], out: Path, store: Path, extra: list[str], shown: str) -> str | None:
+    """Run one train.py job in its folder under ``out`` unless the store holds its metrics.yaml; copy
+    metrics.yaml and job.yaml (wall time, start/end, commit) into the store. The failure line, or None."""
     d, m, s = job
     folder = job_folder(out, job)
-    if (folder / "metrics.yaml").exists():
+    if (job_folder(store, job) / "metrics.yaml").exists():
         print(f"skip (done): {shown}", flush=True)
         return None
+    if m in NEEDS_CNN:
+        failed = rebuild_cnn_model((d, "cnn", s), out, store, extra)
+        if failed:
+            return f"{shown}  (its cnn job: {failed})"
     print(f"$ {shown}", flush=True)
-    started, commit = time.perf_counter(), git_commit()  # the code the job starts with
+    return train_job(job, folder, store, extra)
+
+
+def train_job(job: tuple[str, str, int], folder: Path, store: Path | None, extra: list[str]) -> str | None:
+    d, m, s = job
+    started, commit = time.time(), git_commit()  # the code the job starts with
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # one core per job
     proc = subprocess.run(command(m, d, s, folder, extra), cwd=ROOT, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
-    print(f"  {'ok' if proc.returncode == 0 else 'FAILED'} in {wall:.0f} s: {d} {m} seed {s}", flush=True)
-    if proc.returncode == 0:
-        (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": round(wall), "commit": commit}))
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.log").write_text(proc.stdout + proc.stderr)
-    return f"{shown}  (log: {folder / 'error.log'})"
+    ended = time.time()
+    print(f"  {'ok' if proc.returncode == 0 else 'FAILED'} in {ended - started:.0f} s: {d} {m} seed {s}", flush=True)
+    if proc.returncode != 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "error.log").write_text(proc.stdout + proc.stderr)
+        return f"{d} {m} seed {s} (log: {folder / 'error.log'})"
+    # start/end as Unix times, not file mtimes: the store is committed and git keeps no mtimes
+    (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": round(ended - started), "started": round(started),
+                                                     "ended": round(ended), "commit": commit}))
+    if store is not None:
+        record = job_folder(store, job)
+        if record.resolve() != folder.resolve():
+            record.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.yaml", "job.yaml"):
+                shutil.copyfile(folder / name, record / name)
+    return None
+
+
+def rebuild_cnn_model(cnn: tuple[str, str, int], out: Path, store: Path, extra: list[str]) -> str | None:
+    """The cnn job's model folder for proto_head / GdVAE. A leaderboard resumed in a fresh checkout has
+    the cnn job's committed metrics but not its weights (not committed: a MB each); the same seeded
+    command rebuilds them (CPU runs are reproducible), and the rebuilt job's accuracy must match the
+    stored one, else the dependent job would sit on a different model than the one reported."""
+    folder = job_folder(out, cnn)
+    with _cnn_locks.setdefault((cnn[0], cnn[2]), threading.Lock()):  # proto_head and gdvae may both ask
+        if not (folder / "model").exists():
+            print(f"  rebuilding the cnn model of {cnn[0]} seed {cnn[2]} (its metrics are stored)", flush=True)
+            failed = train_job(cnn, folder, None, extra)
+            if failed:
+                return failed
+    stored = job_folder(store, cnn) / "metrics.yaml"
+    if stored.exists() and (folder / "metrics.yaml").exists():  # checked on every use, not only on a rebuild
+        acc = {k: v for k, v in yaml.safe_load(stored.read_text()).items() if k.endswith("/acc")}
+        again = {k: v for k, v in yaml.safe_load((folder / "metrics.yaml").read_text()).items() if k in acc}
+        if again != acc:
+            return f"the rebuilt cnn model differs from the stored job ({again} vs {acc}): rerun that cnn job"
+    return None
 
 
 README = ROOT / "README.md"
@@ -157,6 +204,16 @@ def write_readme_block(csv_path: Path, readme: Path = README) -> None:
     readme.write_text(head + README_BEGIN + "\n" + headline(csv_path) + "\n" + README_END + rest.split(README_END, 1)[1])
 
 
+def busy_hours(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals, in hours: the leaderboard's wall time when it ran
+    in several invocations (sessions) with idle gaps between them."""
+    total, reach = 0.0, float("-inf")
+    for b, e in sorted(spans):
+        total += max(0.0, e - max(b, reach))
+        reach = max(reach, e)
+    return total / 3600
+
+
 def git_commit() -> str:
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "zoo", "conf", "train.py"],
@@ -168,6 +225,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, synthetic only, tiny subsets, 1 short epoch")
     ap.add_argument("--out", type=Path, default=None, help="job folders (default logs/leaderboard[-quick])")
+    ap.add_argument("--store", type=Path, default=None,
+                    help="where each job's metrics.yaml + job.yaml are kept (default docs/leaderboard, committed, "
+                         "so a leaderboard resumes in a fresh checkout; --quick: the job folders)")
     ap.add_argument("--results", type=Path, default=None,
                     help="markdown (default docs/results.md; --quick: <out>/results.md)")
     ap.add_argument("--models", nargs="+", default=FAMILIES)
@@ -179,6 +239,7 @@ def main() -> None:
     args = ap.parse_args()
     tag = "-quick" if args.quick else ""
     out = args.out or ROOT / "logs" / f"leaderboard{tag}"
+    store = args.store or (out if args.quick else ROOT / "docs" / "leaderboard")
     md = args.results or (out / "results.md" if args.quick else ROOT / "docs" / "results.md")  # smoke: not in docs
     data = args.data or (["synthetic"] if args.quick else DATA)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -191,21 +252,21 @@ def main() -> None:
     failed: list[str] = []
     if not args.report_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on subprocesses
-            failed = [f for f in pool.map(lambda job: run_job(job, out, extra, commands[job]), jobs) if f]
-    missing = [commands[j] for j in jobs if not (job_folder(out, j) / "metrics.yaml").exists()]
+            failed = [f for f in pool.map(lambda job: run_job(job, out, store, extra, commands[job]), jobs) if f]
+    missing = [commands[j] for j in jobs if not (job_folder(store, j) / "metrics.yaml").exists()]
     wall = time.perf_counter() - started_all
     cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     job_commits: set[str] = set()
-    spans: list[tuple[float, float, float]] = []  # (start, end, wall_s) of each job done
+    spans: list[tuple[float, float]] = []  # (start, end) of each job done
     order = {name: i for i, name in enumerate([*DATA, *FAMILIES])}
     for d, m, s in sorted(jobs, key=lambda j: (order.get(j[0], len(order)), order.get(j[1], len(order)), j[2])):
-        path = job_folder(out, (d, m, s)) / "metrics.yaml"
+        path = job_folder(store, (d, m, s)) / "metrics.yaml"
         if path.exists():
             job_file = path.parent / "job.yaml"
             job = yaml.safe_load(job_file.read_text()) if job_file.exists() else {}
             job_commits.add(job.get("commit", "unknown"))
-            if "wall_s" in job:  # job.yaml is written as the job ends: its mtime - wall_s is the start
-                spans.append((job_file.stat().st_mtime - job["wall_s"], job_file.stat().st_mtime, job["wall_s"]))
+            if "started" in job:
+                spans.append((job["started"], job["ended"]))
             for row, values in job_rows(yaml.safe_load(path.read_text())).items():
                 cells.setdefault((d, m, row), []).append(values)
 
@@ -235,9 +296,10 @@ def main() -> None:
              "substrate's mean). Each family trains with its defaults (`trainer.max_epochs` null: 6 epochs "
              "or its schedule's length); the cnn rows are the baseline job of the same data and seeds. "
              f"Code: commit(s) {', '.join(sorted(job_commits))}. " + (
-                 f"Wall time: {(max(e for _, e, _ in spans) - min(b for b, _, _ in spans)) / 3600:.2f} h from the first "
-                 f"job's start to the last one's end, {sum(w for *_, w in spans) / 3600:.2f} h summed over the "
-                 f"{len(spans)} jobs (each on one thread; " if spans else "(") + f"this invocation: {wall:.0f} s with "
+                 f"Wall time: {busy_hours(spans):.2f} h while jobs were running (the union of the jobs' "
+                 f"start-to-end intervals over all invocations; the gaps between them do not count), "
+                 f"{sum(e - b for b, e in spans) / 3600:.2f} h summed over the {len(spans)} jobs (each on one "
+                 "thread; " if spans else "(") + f"this invocation: {wall:.0f} s with "
              f"{args.jobs} job(s) at once, jobs already done skipped; each job's wall time and commit are in its "
              "folder's job.yaml).", ""]
     main = [c for c in COLUMNS if c in columns]  # one wide table per data set; family metrics listed below it

@@ -19,7 +19,8 @@ def _job(out: Path, seed: int, acc: float, deletion: float) -> None:
                "cnn grad-cam best[backbone.features.17]/deletion_auc": deletion,
                "cnn grad-cam best[backbone.features.17]/deletion_auc[grey]": deletion}
     (folder / "metrics.yaml").write_text(yaml.safe_dump(metrics))
-    (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": 10, "commit": "abc1234"}))
+    (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": 10, "started": 100 + 5 * seed, "ended": 110 + 5 * seed,
+                                                     "commit": "abc1234"}))
 
 
 def test_report_only_averages_seeds_and_lists_jobs_not_run(tmp_path):
@@ -28,7 +29,8 @@ def test_report_only_averages_seeds_and_lists_jobs_not_run(tmp_path):
     _job(out, 1, 0.80, 0.30)
     md = tmp_path / "results.md"
     proc = subprocess.run([sys.executable, "benchmarks/leaderboard.py", "--report-only", "--models", "cnn",
-                           "--data", "synthetic", "--seeds", "0", "1", "2", "--out", str(out), "--results", str(md)],
+                           "--data", "synthetic", "--seeds", "0", "1", "2", "--out", str(tmp_path / "unused"), "--store", str(out),
+                           "--results", str(md)],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = md.read_text()
@@ -38,6 +40,7 @@ def test_report_only_averages_seeds_and_lists_jobs_not_run(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "2" and cells[3] == "0.850 ± 0.071"  # n seeds, acc mean ± sample std
     assert "0.250 ± 0.071" in cells and "commit(s) abc1234" in text
+    assert "Wall time: 0.00 h" in text and "0.01 h summed over the 2 jobs" in text
     csv_head = md.with_suffix(".csv").read_text().splitlines()[0].split(",")
     assert csv_head[:4] == ["data", "model", "row", "n_seeds"] and "deletion_auc_mean" in csv_head
     # the README's block: the best-layer row (not the classification-only "cnn" row), n, acc, deletion
@@ -71,3 +74,35 @@ def test_proto_head_and_gdvae_jobs_name_the_cnn_job_of_their_data_and_seed():
     gdvae = leaderboard.command("gdvae", "breastmnist", 2, ROOT / "logs" / "lb" / "breastmnist" / "gdvae" / "seed2", [])
     assert "evaluate.baseline=logs/lb/breastmnist/cnn/seed2/model" in gdvae  # the independent judge
     assert leaderboard.FAMILIES[0] == "cnn"  # its cnn job runs first (data-major, families in order)
+
+
+def test_busy_hours_is_the_union_of_job_intervals():
+    """Two sessions: overlapping jobs count once, the gap between sessions not at all."""
+    lb = _leaderboard()
+    assert lb.busy_hours([(0, 3600), (1800, 5400), (100_000, 103_600)]) * 3600 == 5400 + 3600
+    assert lb.busy_hours([(0, 7200), (600, 1200)]) == 2.0 and lb.busy_hours([]) == 0.0
+
+
+def test_a_stored_job_is_skipped_and_a_rebuilt_cnn_must_match_its_stored_accuracy(tmp_path, monkeypatch):
+    lb = _leaderboard()
+    out, store = tmp_path / "jobs", tmp_path / "store"
+    _job(store, 0, 0.90, 0.20)  # the cnn job of synthetic seed 0: stored metrics, no model folder
+    ran: list[tuple] = []
+
+    def fake_train(job, folder, to_store, extra, acc=0.90):
+        ran.append(job)
+        (folder / "model").mkdir(parents=True)
+        (folder / "metrics.yaml").write_text(yaml.safe_dump({"cnn/acc": acc}))
+        return None
+
+    monkeypatch.setattr(lb, "train_job", fake_train)
+    assert lb.run_job(("synthetic", "cnn", 0), out, store, [], "cnn") is None and ran == []  # stored: skipped
+    # proto_head needs the cnn's weights, which a fresh checkout lacks: the cnn job is rebuilt first
+    assert lb.run_job(("synthetic", "proto_head", 0), out, store, [], "ph") is None
+    assert ran == [("synthetic", "cnn", 0), ("synthetic", "proto_head", 0)]
+    assert lb.run_job(("synthetic", "gdvae", 0), out, store, [], "gd") is None and ran[-1][1] == "gdvae"  # built once
+    monkeypatch.setattr(lb, "train_job", lambda *a: fake_train(*a, acc=0.85))
+    _job(store, 1, 0.90, 0.20)
+    failed = lb.run_job(("synthetic", "gdvae", 1), out, store, [], "gd1")
+    assert failed is not None and "differs from the stored job" in failed
+    assert "differs" in lb.run_job(("synthetic", "proto_head", 1), out, store, [], "ph1")  # still refused
