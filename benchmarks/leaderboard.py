@@ -48,6 +48,10 @@ QUICK = ["trainer=fast", "data.n_train=128", "data.n_val=64", "data.n_test=64", 
          "evaluate.steps=8"]
 
 
+NEEDS_CNN = {"proto_head": ["model.backbone_checkpoint={}"],  # {}: the cnn job's model folder (see command)
+             "gdvae": ["evaluate.baseline={}", "evaluate.posthoc=false"]}
+
+
 def command(model: str, data: str, seed: int, out: Path, extra: list[str]) -> list[str]:
     """The job's train.py command; ``out`` is the job's folder (<root>/<data>/<model>/seed<s>)."""
     out = out.resolve()
@@ -57,8 +61,7 @@ def command(model: str, data: str, seed: int, out: Path, extra: list[str]) -> li
     # does with the shipped cnn-synthetic), and it is GdVAE's independent judge of counterfactual
     # validity and realism (its post-hoc rows are the cnn job's own, not measured again).
     cnn_job = out.parent.parent / "cnn" / out.name / "model"
-    named = {"proto_head": [f"model.backbone_checkpoint={cnn_job}"],
-             "gdvae": [f"evaluate.baseline={cnn_job}", "evaluate.posthoc=false"]}.get(model, [])
+    named = [a.format(cnn_job) for a in NEEDS_CNN.get(model, [])]
     return [sys.executable, "train.py", f"model={model}", f"data={data}", f"seed={seed}", "logger=none",
             "evaluate.compare_baseline=false", f"hydra.run.dir={out}", *named, *extra]
 
@@ -88,7 +91,6 @@ def job_folder(out: Path, job: tuple[str, str, int]) -> Path:
     return out / d / m / f"seed{s}"
 
 
-NEEDS_CNN = ("proto_head", "gdvae")  # they load the cnn job's model folder (see command)
 _cnn_locks: dict[tuple[str, int], threading.Lock] = {}
 
 
@@ -105,7 +107,12 @@ def run_job(job: tuple[str, str, int], out: Path, store: Path, extra: list[str],
         if failed:
             return f"{shown}  (its cnn job: {failed})"
     print(f"$ {shown}", flush=True)
-    return train_job(job, folder, store, extra)
+    if m == "cnn":  # held while it trains, so a proto_head / GdVAE job of its seed waits instead of rebuilding
+        with _cnn_locks.setdefault((d, s), threading.Lock()):
+            failed = train_job(job, folder, store, extra)
+    else:
+        failed = train_job(job, folder, store, extra)
+    return f"{shown}  ({failed})" if failed else None
 
 
 def train_job(job: tuple[str, str, int], folder: Path, store: Path | None, extra: list[str]) -> str | None:
@@ -118,7 +125,7 @@ def train_job(job: tuple[str, str, int], folder: Path, store: Path | None, extra
     if proc.returncode != 0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "error.log").write_text(proc.stdout + proc.stderr)
-        return f"{d} {m} seed {s} (log: {folder / 'error.log'})"
+        return f"log: {folder / 'error.log'}"
     # start/end as Unix times, not file mtimes: the store is committed and git keeps no mtimes
     (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": round(ended - started), "started": round(started),
                                                      "ended": round(ended), "commit": commit}))
