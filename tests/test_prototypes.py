@@ -647,3 +647,40 @@ def test_distances_are_fp32_under_autocast(similarity):
     assert d.dtype == torch.float32 and s.dtype == torch.float32
     torch.testing.assert_close(s, similarity_from_distance(distances(z.bfloat16().float(), p, similarity), similarity))
     assert float((s - exact).abs().max()) < 0.5 * float(exact.abs().max())
+
+
+def test_prototype_report_has_grad_cam_of_the_network_itself_with_its_layer_chosen_on_val():
+    """image_report_rows adds Grad-CAM on the prototype network (last layer and best layer, chosen on
+    val): the same logits explained post hoc, measured on the balanced test images of its own map's row."""
+    import zoo.evaluation as E
+    from zoo.nets.backbones import conv_layer_names
+
+    m = small()
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        mask = torch.zeros(n, 32, 32)
+        mask[:, 8:16, 8:16] = 1
+        return [{"image": torch.rand(n, 1, 32, 32, generator=g) * 2 - 1, "label": torch.arange(n) % 3, "mask": mask}]
+
+    class Data:
+        test, val = split(12), split(12)
+
+        def setup(self, stage):
+            pass
+
+        def test_dataloader(self):
+            return self.test
+
+        def val_dataloader(self):
+            return self.val
+
+    rows = m.image_report_rows(Data(), n_images=12)
+    layers = conv_layer_names(m)
+    own = [k for k in rows if k.startswith("protopnet grad-cam")]
+    assert f"protopnet grad-cam[{layers[-1]}]" in own and len(own) == 2
+    best = next(k for k in own if "best[" in k)[len("protopnet grad-cam best["):-1]
+    assert best in layers and "protopnet prototypes (EvalProtoPNet)" in rows
+    batch = E.take_images(Data(), "test", 12, balanced=True)
+    again = E.attribution_metrics(m, lambda x, t: E.gradcam(m, x, t, best), batch, 24)
+    assert rows[f"protopnet grad-cam best[{best}]"] == pytest.approx(again)
