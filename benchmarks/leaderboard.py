@@ -308,7 +308,9 @@ def main() -> None:
              "equal-score pixels switch together. Mean ± std over seeds " + ", ".join(map(str, seeds)) + " of each "
              "seed's value (the headline is each seed's worst substrate, so its mean can exceed every "
              "substrate's mean). Each family trains with its defaults (`trainer.max_epochs` null: 6 epochs "
-             "or its schedule's length); the cnn rows are the baseline job of the same data and seeds. "
+             "or its schedule's length), except " + ", ".join(f"{m} on {d} (`{' '.join(r)}`)" for (m, d), r in
+                                                       RECIPES.items()) + ", whose defaults are for other data "
+             "(see the command); the cnn rows are the baseline job of the same data and seeds. "
              f"Code: commit(s) {', '.join(sorted(job_commits))}. " + (
                  f"Wall time: {busy_hours(spans):.2f} h while jobs were running (the union of the jobs' "
                  f"start-to-end intervals over all invocations; the gaps between them do not count), "

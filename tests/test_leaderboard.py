@@ -76,6 +76,22 @@ def test_proto_head_and_gdvae_jobs_name_the_cnn_job_of_their_data_and_seed():
     assert leaderboard.FAMILIES[0] == "cnn"  # its cnn job runs first (data-major, families in order)
 
 
+def test_a_family_recipe_replaces_its_defaults_only_on_its_data(tmp_path):
+    """GdVAE on synthetic runs with the zoo's synthetic recipe (object decoder, FiLM, class term), composed
+    with the job's own overrides; on other data, and for other families, the library defaults."""
+    from conftest import compose
+
+    lb = _leaderboard()
+    folder = ROOT / "logs" / "lb" / "synthetic" / "gdvae" / "seed1"
+    cmd = lb.command("gdvae", "synthetic", 1, folder, [])
+    assert "experiment=gdvae_synthetic" in cmd
+    assert not any(c.startswith("experiment=") for c in lb.command("gdvae", "breastmnist", 1, folder, []))
+    assert not any(c.startswith("experiment=") for c in lb.command("cnn", "synthetic", 1, folder, []))
+    cfg = compose([c for c in cmd[2:] if not c.startswith("hydra.")], tmp_path)
+    assert (cfg.model.decoder, cfg.model.decoder_film, cfg.model.consistency_class_weight) == ("object", True, 50)
+    assert cfg.seed == 1 and cfg.data.num_classes == 4 and cfg.evaluate.baseline.endswith("cnn/seed1/model")
+
+
 def test_busy_hours_is_the_union_of_job_intervals():
     """Two sessions: overlapping jobs count once, the gap between sessions not at all."""
     lb = _leaderboard()
