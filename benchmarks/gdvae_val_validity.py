@@ -27,12 +27,14 @@ def main() -> None:
     judge = hub.load(args.judge).eval()
     keys = ["cf_validity_judge", "cf_validity_judge_worst", "cf_validity", "cf_judge_nn_ratio", "cf_change_l1"]
     print(f"val split, {args.n_images} images, toward every other class, δ = 0.99 (judge: {args.judge})")
-    print(f"{'model':60s} " + " ".join(f"{k:>24s}" for k in keys))
+    print(f"{'model [row]':75s} " + " ".join(f"{k:>24s}" for k in keys))
     for path in args.models:
         rows = counterfactual_rows(hub.load(path).eval(), dm, judge=judge, n_images=args.n_images, split="val",
                                    gradient_images=0)
-        row = next(v for k, v in rows.items() if k.endswith("(counterfactuals)"))
-        print(f"{path:60s} " + " ".join(f"{row.get(k, float('nan')):24.3f}" for k in keys))
+        for name, row in rows.items():  # the model's own latent path, then the other one
+            if "counterfactuals" in name and "→" not in name:
+                label = f"{path} [{name}]"
+                print(f"{label:75s} " + " ".join(f"{row.get(k, float('nan')):24.3f}" for k in keys))
 
 
 if __name__ == "__main__":
