@@ -53,9 +53,10 @@ NEEDS_CNN = {"proto_head": ["model.backbone_checkpoint={}"],  # {}: the cnn job'
 # A family runs with its library defaults unless its defaults are for other data: then with the zoo's recipe
 # for that data, chosen on val. GdVAE's default decoder draws the whole image (the medical images); the
 # synthetic images are objects on a textured background, where its counterfactuals are judged valid by the
-# cnn job only 0.32 ± 0.05 of the time (test, 3 seeds). The recipe's object decoder + FiLM + class term
-# (conf/experiment/gdvae_synthetic.yaml) was chosen on val, judged by the cnn job of seed 0: 0.69 vs 0.26
-# for the defaults (benchmarks/gdvae_val_validity.py, docs/notes/gdvae.md).
+# cnn job only 0.32 ± 0.05 of the time (test, 3 seeds). The recipe (conf/experiment/gdvae_synthetic.yaml:
+# object decoder, FiLM, class term, recon σ at the data's noise, prototype path) was chosen on val, judged
+# by the cnn job of seed 0: 0.90 vs 0.26 for the defaults (benchmarks/gdvae_val_validity.py,
+# docs/notes/gdvae.md).
 RECIPES = {("gdvae", "synthetic"): ["experiment=gdvae_synthetic"]}
 
 
