@@ -77,8 +77,9 @@ def test_proto_head_and_gdvae_jobs_name_the_cnn_job_of_their_data_and_seed():
 
 
 def test_a_family_recipe_replaces_its_defaults_only_on_its_data(tmp_path):
-    """GdVAE on synthetic runs with the zoo's synthetic recipe (object decoder, FiLM, class term), composed
-    with the job's own overrides; on other data, and for other families, the library defaults."""
+    """GdVAE on synthetic runs with the zoo's synthetic recipe (object decoder, FiLM, class term, recon σ at
+    the data's pixel noise, prototype path), composed with the job's own overrides; on other data, and for
+    other families, the library defaults."""
     from conftest import compose
 
     lb = _leaderboard()
@@ -89,6 +90,7 @@ def test_a_family_recipe_replaces_its_defaults_only_on_its_data(tmp_path):
     assert not any(c.startswith("experiment=") for c in lb.command("cnn", "synthetic", 1, folder, []))
     cfg = compose([c for c in cmd[2:] if not c.startswith("hydra.")], tmp_path)
     assert (cfg.model.decoder, cfg.model.decoder_film, cfg.model.consistency_class_weight) == ("object", True, 50)
+    assert (cfg.model.recon_sigma, cfg.model.cf_method) == (0.2, "prototype")
     assert cfg.seed == 1 and cfg.data.num_classes == 4 and cfg.evaluate.baseline.endswith("cnn/seed1/model")
 
 
