@@ -497,3 +497,25 @@ def test_posthoc_best_layer_is_chosen_on_val_and_never_reads_test_images(monkeyp
     assert f"grad-cam best[{favourite}]" in E.posthoc_rows(model, poisoned, steps=2, integrated=False, select=val)
     assert screened and not any(screened)
     assert "grad-cam best" not in " ".join(E.posthoc_rows(model, test, steps=2, integrated=False))  # no val, no pick
+
+
+def test_same_network_gradcam_is_measured_on_the_own_map_images(monkeypatch):
+    """A family's Grad-CAM-on-itself rows (prototype networks, SOP's backbone) are measured on exactly the
+    test images of the family's own map row and choose their layer on val images only."""
+    import zoo
+    import zoo.evaluation as E
+    from zoo.data import create_datamodule
+
+    dm = create_datamodule("synthetic", n_train=8, n_val=12, n_test=12, image_size=16)
+    model = zoo.create_model("cnn", num_classes=dm.num_classes, in_channels=1, image_size=16, widths=[4, 8]).eval()
+    measured: list[torch.Tensor] = []
+    monkeypatch.setattr(E, "attribution_metrics", lambda m, fn, batch, steps: measured.append(batch["image"]) or {})
+    screened: list[torch.Tensor] = []
+    real_best = E.best_gradcam_layer
+    monkeypatch.setattr(E, "best_gradcam_layer", lambda m, select, layers: screened.append(select["image"])
+                        or real_best(m, select, layers))
+    rows = E.same_network_gradcam_rows(model, dm, n_images=8, prefix="own")
+    assert set(rows) == {f"own grad-cam[{E.conv_layer_names(model)[-1]}]", *(r for r in rows if "best[" in r)}
+    own_map_images = E.take_images(dm, "test", 8, balanced=True)["image"]
+    assert measured and all(torch.equal(x, own_map_images) for x in measured)
+    assert torch.equal(screened[0], E.take_images(dm, "val", 8, balanced=True)["image"])

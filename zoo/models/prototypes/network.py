@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo import evaluation
 from zoo.base import SelfExplainingModule
 from zoo.explanation import Explanation
 from zoo.schedule import Phase
@@ -38,7 +39,7 @@ from .attribution import check_view, prototype_attribution
 from .losses import LOSS_WEIGHTS, cluster_separation, l1_wrong_class
 from .push import PushResult, duplicate_images, find_duplicates, percentile_box, provenance_dicts, push_prototypes
 from .rf import ReceptiveField, receptive_field, rf_boxes
-from .report import interpretability_rows, own_gradcam_rows
+from .report import interpretability_rows
 from .similarity import SIMILARITIES, distances, similarity_from_distance
 
 log = logging.getLogger("zoo.prototypes")
@@ -366,7 +367,8 @@ class PrototypeNetwork(SelfExplainingModule):
     def image_report_rows(self, datamodule, baseline=None, n_images: int = 256) -> dict[str, dict[str, float]]:
         """EvalProtoPNet consistency / stability (keypoints) or the annotation-free stability, and Grad-CAM
         on this network itself with its layer chosen on val (report.py)."""
-        return {**interpretability_rows(self, datamodule, n_images), **own_gradcam_rows(self, datamodule, n_images)}
+        return {**interpretability_rows(self, datamodule, n_images),
+                **evaluation.same_network_gradcam_rows(self, datamodule, n_images)}
 
     @torch.no_grad()
     def prototype_maps(self, x: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 * Every prototype network: EvalProtoPNet consistency / stability of the prototype parts
   (:func:`zoo.metrics.prototypes.prototype_interpretability`; keypoints where the data has them), and
-  Grad-CAM on the network itself (last layer and the best layer, chosen on val): the same logits
+  Grad-CAM on the network itself (``zoo.evaluation.same_network_gradcam_rows``: last layer and the best
+  layer, chosen on val, on the test images of its own map's row): the same logits
   explained post hoc, so the comparison with its own map is not confounded by how two different models
   respond to the deletion substrates (the black-box CNN's rows answer the other question).
 * ``prob_protopnet`` — does it know when it does not know?
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
-from zoo.evaluation import posthoc_rows, take_images
+from zoo.evaluation import take_images
 from zoo.metrics.prototypes import prototype_interpretability
 
 
@@ -36,17 +37,6 @@ def interpretability_rows(model, datamodule, n_images: int = 256) -> dict[str, d
             lambda x: model.prototype_maps(x.to(model.device)).cpu(), batch["image"], batch["label"],
             model.prototype_class.cpu(), keypoints=batch.get("keypoints"), generator=torch.Generator().manual_seed(0))
     return {f"{model.model_name} prototypes (EvalProtoPNet)": row}
-
-
-def own_gradcam_rows(model, datamodule, n_images: int = 256, steps: int = 24) -> dict[str, dict[str, float]]:
-    """Grad-CAM on this prototype network (rows ``<name> grad-cam[...]``), measured on the balanced test
-    images of its own map's row; the best layer is chosen on val. No Integrated Gradients: the issue's
-    comparison is with best-layer Grad-CAM, and IG doubles the time."""
-    model.eval()
-    batch = take_images(datamodule, "test", n_images, balanced=True)
-    select = take_images(datamodule, "val", n_images, balanced=True)
-    return {f"{model.model_name} {name}": row
-            for name, row in posthoc_rows(model, batch, steps, integrated=False, select=select).items()}
 
 
 def ood_sets(n: int, channels: int, size: int, datamodule=None, seed: int = 0) -> dict[str, Tensor]:

@@ -17,16 +17,15 @@ from zoo.metrics import groups as G
 
 def group_rows(model, datamodule, n_images: int = 256) -> dict[str, dict[str, float]]:
     """Rows beside the shared table: this SOP's own backbone as a plain classifier (accuracy on the
-    whole test split, and Grad-CAM on it: the same network explained post hoc), and, when the data
-    has evidence masks, purity / true IoU of the groups that carry the explained logit."""
+    whole test split, and Grad-CAM on it: the same network explained post hoc, on the test images of the
+    SOP's own map row), and, when the data has evidence masks, purity / true IoU of the groups that
+    carry the explained logit (the same images)."""
     model.eval()
     wrapper = _BackboneClassifier(model).eval()
     own = f"{model.model_name} backbone"
-    rows = {f"{own} (plain classifier)": evaluation.classification_metrics(wrapper, datamodule)}
-    batch = evaluation.take_images(datamodule, "test", n_images)
-    select = evaluation.take_images(datamodule, "val", n_images)  # its best layer is chosen on val
-    for name, row in evaluation.posthoc_rows(wrapper, batch, steps=24, integrated=False, select=select).items():
-        rows[f"{own} {name}"] = row
+    rows = {f"{own} (plain classifier)": evaluation.classification_metrics(wrapper, datamodule),
+            **evaluation.same_network_gradcam_rows(wrapper, datamodule, n_images, prefix=own)}
+    batch, _ = evaluation.report_images(datamodule, n_images)
     if "mask" in batch and batch["label"].ndim == 1:
         expls = [model.explain(batch["image"][i:i + 64].to(model.device), batch["label"][i:i + 64].to(model.device))
                  .detach() for i in range(0, batch["image"].shape[0], 64)]
