@@ -164,7 +164,10 @@ def rebuild_cnn_model(cnn: tuple[str, str, int], out: Path, store: Path, extra: 
         acc = {k: v for k, v in yaml.safe_load(stored.read_text()).items() if k.endswith("/acc")}
         again = {k: v for k, v in yaml.safe_load((folder / "metrics.yaml").read_text()).items() if k in acc}
         if again != acc:
-            return f"the rebuilt cnn model differs from the stored job ({again} vs {acc}): rerun that cnn job"
+            # seeded CPU runs repeat on one machine, not across CPUs (other kernels, other rounding)
+            return (f"the rebuilt cnn model differs from the stored job ({again} vs {acc}; a different CPU "
+                    f"rounds differently): delete {job_folder(store, cnn)} and the records that sit on it "
+                    f"({', '.join(str(job_folder(store, (cnn[0], m, cnn[2]))) for m in NEEDS_CNN)}) and rerun")
     return None
 
 

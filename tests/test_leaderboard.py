@@ -123,4 +123,6 @@ def test_a_stored_job_is_skipped_and_a_rebuilt_cnn_must_match_its_stored_accurac
     _job(store, 1, 0.90, 0.20)
     failed = lb.run_job(("synthetic", "gdvae", 1), out, store, [], "gd1")
     assert failed is not None and "differs from the stored job" in failed
+    # the message names every stored record to delete: the cnn job and the two that sit on it
+    assert all(str(store / "synthetic" / m / "seed1") in failed for m in ("cnn", "proto_head", "gdvae"))
     assert "differs" in lb.run_job(("synthetic", "proto_head", 1), out, store, [], "ph1")  # still refused
