@@ -137,7 +137,8 @@ def train_job(job: tuple[str, str, int], folder: Path, store: Path | None, extra
         return f"log: {folder / 'error.log'}"
     # start/end as Unix times, not file mtimes: the store is committed and git keeps no mtimes
     (folder / "job.yaml").write_text(yaml.safe_dump({"wall_s": round(ended - started), "started": round(started),
-                                                     "ended": round(ended), "commit": commit}))
+                                                     "ended": round(ended), "commit": commit,
+                                                     "machine": machine()}))
     if store is not None:
         record = job_folder(store, job)
         if record.resolve() != folder.resolve():
@@ -240,6 +241,21 @@ def git_commit() -> str:
     return (proc.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
+def machine() -> str:
+    """The CPU and torch build a job ran on: seeded CPU runs repeat on one machine, not across CPUs."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, synthetic only, tiny subsets, 1 short epoch")
@@ -276,6 +292,7 @@ def main() -> None:
     wall = time.perf_counter() - started_all
     cells: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     job_commits: set[str] = set()
+    machines: set[str] = set()  # wall times compare only within one machine
     spans: list[tuple[float, float]] = []  # (start, end) of each job done
     order = {name: i for i, name in enumerate([*DATA, *FAMILIES])}
     for d, m, s in sorted(jobs, key=lambda j: (order.get(j[0], len(order)), order.get(j[1], len(order)), j[2])):
@@ -284,6 +301,7 @@ def main() -> None:
             job_file = path.parent / "job.yaml"
             job = yaml.safe_load(job_file.read_text()) if job_file.exists() else {}
             job_commits.add(job.get("commit", "unknown"))
+            machines.add(job.get("machine", "not recorded"))
             if "started" in job:
                 spans.append((job["started"], job["ended"]))
             for row, values in job_rows(yaml.safe_load(path.read_text())).items():
@@ -316,7 +334,7 @@ def main() -> None:
              "or its schedule's length), except " + ", ".join(f"{m} on {d} (`{' '.join(r)}`)" for (m, d), r in
                                                        RECIPES.items()) + ", whose defaults are for other data "
              "(see the command); the cnn rows are the baseline job of the same data and seeds. "
-             f"Code: commit(s) {', '.join(sorted(job_commits))}. " + (
+             f"Code: commit(s) {', '.join(sorted(job_commits))}. Machine(s): {'; '.join(sorted(machines))}. " + (
                  f"Wall time: {busy_hours(spans):.2f} h while jobs were running (the union of the jobs' "
                  f"start-to-end intervals over all invocations; the gaps between them do not count), "
                  f"{sum(e - b for b, e in spans) / 3600:.2f} h summed over the {len(spans)} jobs (each on one "
