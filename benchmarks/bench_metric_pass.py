@@ -23,6 +23,9 @@ the pass's channels_last weights (zoo.evaluation.channels_last: the CNN forward 
          1.75 s (4.2x, same layer).
   64 px: epoch 48.8 s, metric pass 482.0 s = 9.9x (NOT <= 0.5x); one row 115.5 s = 2.4x; screening
          2.50 s vs 10.35 s (4.1x, same layer).
+Measured 2026-12-04 on another 2-core machine (alone, one thread; CPU time): 32 px: epoch 7.4 s, pass
+  115.7 s = 15.6x; one row 2.3x; screening 4.1x faster. 64 px: epoch 48.1 s, pass 488.1 s = 10.1x; one
+  row 3.0x; screening 3.3x faster (same layer at both sizes). The faster epoch raises the 32 px ratio.
 Why the target cannot hold as the metric is defined: the pass evaluates 3 rows x 256 images x 6 curves
 (deletion + insertion on 3 substrates) x 25 steps = 115k forwards, and IG 2 x 256 x 32 = 16k forward +
 backward passes (clean + stability), against 4000 forward + backward passes in an epoch: ~30 times the
