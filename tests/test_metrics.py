@@ -514,7 +514,8 @@ def test_same_network_gradcam_is_measured_on_the_own_map_images(monkeypatch):
     real_best = E.best_gradcam_layer
     monkeypatch.setattr(E, "best_gradcam_layer", lambda m, select, layers: screened.append(select["image"])
                         or real_best(m, select, layers))
-    rows = E.same_network_gradcam_rows(model, dm, n_images=8, prefix="own")
+    test, val = (E.report_images(dm, split, 8) for split in ("test", "val"))
+    rows = E.same_network_gradcam_rows(model, test, val, prefix="own")
     assert set(rows) == {f"own grad-cam[{E.conv_layer_names(model)[-1]}]", *(r for r in rows if "best[" in r)}
     own_map_images = E.take_images(dm, "test", 8, balanced=True)["image"]
     assert measured and all(torch.equal(x, own_map_images) for x in measured)

@@ -178,7 +178,7 @@ def explanation_report(model, datamodule, n_images: int = 256, steps: int = 24,
 
 def _explanation_report(model, datamodule, n_images, steps, baseline, posthoc) -> dict[str, dict[str, float]]:
     model.eval()
-    batch, select = report_images(datamodule, n_images)
+    batch = report_images(datamodule, "test", n_images)
     rows: dict[str, dict[str, float]] = {}
     if model.explanation_kind != "post-hoc":
         name = f"{model.model_name} ({model.explanation_kind})"
@@ -191,26 +191,25 @@ def _explanation_report(model, datamodule, n_images, steps, baseline, posthoc) -
     reference = baseline if baseline is not None else (model if model.explanation_kind == "post-hoc" else None)
     if posthoc and reference is not None:
         reference.eval()
+        select = report_images(datamodule, "val", n_images)  # the layer is chosen on val
         for k, v in posthoc_rows(reference, batch, steps, select=select).items():
             rows[f"{reference.model_name} {k}"] = v
     return rows
 
 
-def report_images(datamodule, n_images: int = 256) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(test, val) image batches of a run's table: the balanced test images every explanation row is
-    measured on, and the balanced val images a post-hoc layer is chosen on."""
-    return (take_images(datamodule, "test", n_images, balanced=True),
-            take_images(datamodule, "val", n_images, balanced=True))
+def report_images(datamodule, split: str, n_images: int = 256) -> dict[str, Tensor]:
+    """The balanced images of a run's table: on "test" every explanation row is measured, on "val" a
+    post-hoc layer is chosen."""
+    return take_images(datamodule, split, n_images, balanced=True)
 
 
-def same_network_gradcam_rows(network, datamodule, n_images: int = 256, steps: int = 24,
-                              prefix: str | None = None) -> dict[str, dict[str, float]]:
-    """Grad-CAM (last layer, and the best layer chosen on val) on a family's own network, measured on the
-    same test images as the family's own map (:func:`report_images`), so the two rows differ only in the
-    explanation. No Integrated Gradients: the comparison is with best-layer Grad-CAM, and IG doubles the
-    time. Rows ``<prefix> grad-cam[...]`` (prefix: the network's model_name)."""
+def same_network_gradcam_rows(network, batch: dict[str, Tensor], select: dict[str, Tensor],
+                              steps: int = 24, prefix: str | None = None) -> dict[str, dict[str, float]]:
+    """Grad-CAM (last layer, and the best layer chosen on ``select``) on a family's own network, measured
+    on ``batch`` — the family's own map's test images (:func:`report_images`), so the two rows differ only
+    in the explanation. No Integrated Gradients: the comparison is with best-layer Grad-CAM, and IG
+    doubles the time. Rows ``<prefix> grad-cam[...]`` (prefix: the network's model_name)."""
     network.eval()
-    batch, select = report_images(datamodule, n_images)
     prefix = network.model_name if prefix is None else prefix
     return {f"{prefix} {name}": row
             for name, row in posthoc_rows(network, batch, steps, integrated=False, select=select).items()}

@@ -93,10 +93,10 @@ Losses (all weights are hyperparameters; per-sample sums, batch means)
 + ``prior_kl_weight · (D / pixels) · KL(p(z|y) ‖ N(0, I))`` + ``ce_weight · CE(logit(m(x)), y)``
 + ``consistency_weight · ‖m(Dec(z_δ, y(z_δ))) − z_δ‖²`` on counterfactuals sampled every batch
 (random target class ≠ y, random δ ∈ [0.05, 0.95], minimal move): a decoded counterfactual must be
-read back where it was made — that is what makes the counterfactuals *valid* after re-encoding — plus its class part,
-``consistency_class_weight · KL(softmax logit(z_δ) ‖ softmax logit(m(Dec(z_δ))))``: the L2 weighs all
-D dims alike (24 of 32 are style dims), while validity asks only whether the class is read back. Only the decoder
-learns from this term (the encoder is frozen for it, see ``_consistency``): an encoder that learns
+read back where it was made — that is what makes the counterfactuals *valid* after re-encoding — plus
+its class part, ``consistency_class_weight · KL(softmax logit(z_δ) ‖ softmax logit(m(Dec(z_δ))))``:
+the L2 weighs all D dims alike (24 of 32 are style dims), while validity asks only whether the class is
+read back. Only the decoder learns from this term (the encoder is frozen for it, see ``_consistency``): an encoder that learns
 from decoded images colludes with the decoder on a class code spread over the whole image.
 
 Training details (measured on synthetic, docs/notes/gdvae.md): prototypes start at unit scale

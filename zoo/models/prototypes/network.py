@@ -367,8 +367,9 @@ class PrototypeNetwork(SelfExplainingModule):
     def image_report_rows(self, datamodule, baseline=None, n_images: int = 256) -> dict[str, dict[str, float]]:
         """EvalProtoPNet consistency / stability (keypoints) or the annotation-free stability, and Grad-CAM
         on this network itself with its layer chosen on val (report.py)."""
+        batch, select = (evaluation.report_images(datamodule, split, n_images) for split in ("test", "val"))
         return {**interpretability_rows(self, datamodule, n_images),
-                **evaluation.same_network_gradcam_rows(self, datamodule, n_images)}
+                **evaluation.same_network_gradcam_rows(self, batch, select)}
 
     @torch.no_grad()
     def prototype_maps(self, x: Tensor) -> Tensor:

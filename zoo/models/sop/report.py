@@ -23,9 +23,9 @@ def group_rows(model, datamodule, n_images: int = 256) -> dict[str, dict[str, fl
     model.eval()
     wrapper = _BackboneClassifier(model).eval()
     own = f"{model.model_name} backbone"
+    batch, select = (evaluation.report_images(datamodule, split, n_images) for split in ("test", "val"))
     rows = {f"{own} (plain classifier)": evaluation.classification_metrics(wrapper, datamodule),
-            **evaluation.same_network_gradcam_rows(wrapper, datamodule, n_images, prefix=own)}
-    batch, _ = evaluation.report_images(datamodule, n_images)
+            **evaluation.same_network_gradcam_rows(wrapper, batch, select, prefix=own)}
     if "mask" in batch and batch["label"].ndim == 1:
         expls = [model.explain(batch["image"][i:i + 64].to(model.device), batch["label"][i:i + 64].to(model.device))
                  .detach() for i in range(0, batch["image"].shape[0], 64)]
